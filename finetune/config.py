@@ -1,0 +1,234 @@
+"""The one typed config of the pipeline: a section per stage, loaded from YAML with dotted overrides.
+
+Every field says what it does and what it trades. Unknown keys are errors (`extra="forbid"`), so a
+misspelled knob fails at load time instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class LossOn(StrEnum):
+    response = "response"  # loss on the response and EOS only; prompt tokens are masked
+    full = "full"  # loss on the whole templated text, as the seed recipe did
+
+
+class ComputeDtype(StrEnum):
+    auto = "auto"  # bf16 where the hardware has it, fp16 on GPUs without bf16, else fp32
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class HalfDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class PathsConfig(Section):
+    """Where things are. Paths are not part of any stage key: only the content they point to is."""
+
+    raw_dir: Path = Field(Path("data/raw"), description="Folder of training pairs (*.jsonl); read, never written.")
+    heldout_path: Path = Field(
+        Path("data/eval/heldout.jsonl"),
+        description="Held-out pairs used only for evaluation, never trained on.",
+    )
+    processed_dir: Path = Field(
+        Path("data/processed"), description="Outputs of prepare and tokenize, one folder per stage key."
+    )
+    output_dir: Path = Field(
+        Path("outputs"), description="Outputs of resolve_model, train, evaluate and merge, one folder per key."
+    )
+    runs_dir: Path = Field(Path("runs"), description="One record folder per flow run: run.json, config, reports.")
+
+
+class DataConfig(Section):
+    topics: list[str] | None = Field(
+        None, description="Allowed topics; rows with another topic are rejected. None accepts any topic."
+    )
+    min_chars: int = Field(1, ge=1, description="Shortest instruction or response kept, in characters after trim.")
+    max_chars: int = Field(
+        4000, ge=1, description="Longest instruction or response kept, in characters; longer rows are rejected."
+    )
+    max_reject_share: float = Field(
+        0.05, ge=0, le=1, description="Fail the run if more than this share of rows is rejected."
+    )
+
+
+class TokenizeConfig(Section):
+    template: str = Field(
+        "### HUMAN:\n{instruction}\n\n### RESPONSE:\n",
+        description="Prompt template; the response and the tokenizer's EOS follow it. Must contain {instruction}.",
+    )
+    max_length: int = Field(
+        512, ge=8, description="Longest example in tokens; longer ones are dropped and counted. Memory grows with it."
+    )
+    loss_on: LossOn = Field(
+        LossOn.response, description="response: learn the answers only (default); full: the whole text (seed)."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _has_instruction(cls, value: str) -> str:
+        if "{instruction}" not in value:
+            raise ValueError("must contain the placeholder {instruction}")
+        return value
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="builtin:smollm2-135m-instruct (embedded, no hub), a hub id such as "
+        "meta-llama/Llama-2-7b-chat-hf (token from HF_TOKEN), or a local model folder.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision; pin a commit hash so a retrain cannot pick up a changed model."
+    )
+
+
+class QuantConfig(Section):
+    load_in_4bit: bool = Field(True, description="QLoRA: keep the frozen base in 4 bits. False trains plain LoRA.")
+    quant_type: str = Field("nf4", description="nf4 (QLoRA paper, best for normally distributed weights) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bit/param saved.")
+    compute_dtype: ComputeDtype = Field(
+        ComputeDtype.auto, description="Dtype of the matmuls on dequantized weights; auto picks from the hardware."
+    )
+
+    @field_validator("quant_type")
+    @classmethod
+    def _known_quant(cls, value: str) -> str:
+        if value not in ("nf4", "fp4"):
+            raise ValueError("must be nf4 or fp4")
+        return value
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="Adapter rank: higher fits more, costs memory and overfits small data.")
+    alpha: int = Field(32, ge=1, description="Scale of the update is alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input; regularizes small data.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Linear layers that get adapters; adding the MLP (gate/up/down_proj) fits more, costs more.",
+    )
+    bias: str = Field("none", description="none, all or lora_only: which biases are trained.")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(1, ge=1, description="Examples per micro-batch; memory grows with it.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step; effective batch = product.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapters.")
+    lr_scheduler: str = Field("constant_with_warmup", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping; QLoRA's 0.3 keeps 4-bit training stable.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
+    optim: str = Field(
+        "adamw_torch",
+        description="transformers optimizer name; paged_adamw_32bit (the seed's) needs CUDA.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    )
+    save_every_steps: int = Field(
+        26, ge=1, description="Checkpoint interval in optimizer steps (26 = one epoch of the default data)."
+    )
+    save_total_limit: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    seed: int = Field(42, description="Seeds data order, dropout and adapter init.")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(
+        96, ge=1, description="Generation limit per held-out prompt; an answer still going at it fails format."
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts generated together; memory grows with it.")
+
+
+class MergeConfig(Section):
+    dtype: HalfDtype = Field(
+        HalfDtype.bfloat16, description="Precision the base is loaded in and the merged model saved in."
+    )
+    parity_max_new_tokens: int = Field(
+        32, ge=1, description="Tokens compared greedily between merged and base+adapter on the eval prompts."
+    )
+
+
+class FinetuneConfig(Section):
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    quant: QuantConfig = QuantConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lora.r=16")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...) at the top")
+        tree = loaded or {}
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as error:
+        source = str(path) if path is not None else "config"
+        lines = []
+        for item in error.errors():
+            key = ".".join(str(p) for p in item["loc"])
+            message = "unknown key (check the spelling; see configs/default.yaml)" if item["type"] == "extra_forbidden" else item["msg"]
+            lines.append(f"{source}: {key}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def section_json(section: BaseModel) -> str:
+    """Canonical JSON of a config section, the form that goes into stage keys."""
+    return json.dumps(section.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def dump_config(config: FinetuneConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

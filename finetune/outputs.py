@@ -1,0 +1,136 @@
+"""Stage keys and atomic stage outputs.
+
+A stage's key hashes its name, its code, its config section(s) and the content of its inputs: raw files
+by their bytes, upstream outputs by their own keys. Same inputs give the same key on any machine, and a
+change anywhere changes the key of that stage and of everything downstream, nothing upstream.
+
+An output is a folder `<root>/<stage>/<key>/` built in a temporary sibling and renamed into place,
+with `manifest.json` written last. A folder without its manifest is not an output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from pydantic import BaseModel
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16  # hex digits of sha256 kept in folder names: 64 bits, no collision in practice
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(output_dir: Path) -> bool:
+    return read_manifest(output_dir) is not None
+
+
+def fingerprint(path: Path) -> str:
+    """What a stage key sees of one input: an upstream output's key, else the bytes under the path."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return f"output:{manifest['stage']}:{manifest['key']}"
+    if path.is_file():
+        return f"file:{file_digest(path)}"
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(child.relative_to(path).as_posix().encode())
+            digest.update(file_digest(child).encode())
+        return f"dir:{digest.hexdigest()}"
+    raise FileNotFoundError(f"{path}: input not found")
+
+
+def code_digest(module_name: str) -> str:
+    """Hash of a stage module's source: editing the stage's code invalidates its outputs."""
+    return hashlib.sha256(inspect.getsource(sys.modules[module_name]).encode()).hexdigest()
+
+
+def stage_key(
+    stage: str,
+    module_name: str,
+    sections: Sequence[BaseModel],
+    inputs: Sequence[Path],
+    extra: Sequence[str] = (),
+) -> str:
+    parts = {
+        "stage": stage,
+        "code": code_digest(module_name),
+        "config": [section.model_dump(mode="json") for section in sections],
+        "inputs": [fingerprint(Path(p)) for p in inputs],
+        "extra": list(extra),
+    }
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
+
+
+def output_dir_for(root: Path, stage: str, key: str) -> Path:
+    return Path(root) / stage / key
+
+
+def build_output(
+    root: Path, stage: str, key: str, build: Callable[[Path], dict[str, Any] | None]
+) -> Path:
+    """Return `<root>/<stage>/<key>/`, calling `build(tmp_dir)` to fill it unless it is complete already.
+
+    `build` writes into a temporary sibling folder and may return extra manifest fields; on success the
+    folder is renamed into place with the manifest written last, on error it is removed and nothing
+    changes. A file lock per key makes a second process with the same inputs wait, then reuse the output.
+    """
+    final_dir = output_dir_for(root, stage, key)
+    if is_complete(final_dir):
+        return final_dir
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final_dir) + ".lock"):
+        if is_complete(final_dir):
+            return final_dir
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final_dir.parent))
+        try:
+            info = build(tmp_dir) or {}
+            files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files,
+                **info,
+            }
+            write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=2))
+            if final_dir.exists():  # a leftover without its manifest: not an output
+                shutil.rmtree(final_dir)
+            os.rename(tmp_dir, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    return final_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
