@@ -11,11 +11,10 @@ with `manifest.json` written last. A folder without its manifest is not an outpu
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -64,21 +63,24 @@ def fingerprint(path: Path) -> str:
     raise FileNotFoundError(f"{path}: input not found")
 
 
-def code_digest(module_name: str) -> str:
-    """Hash of a stage module's source: editing the stage's code invalidates its outputs."""
-    return hashlib.sha256(inspect.getsource(sys.modules[module_name]).encode()).hexdigest()
+def code_digest(module_names: Sequence[str]) -> str:
+    """Hash of the source of a stage's modules: editing the stage's code invalidates its outputs."""
+    digest = hashlib.sha256()
+    for name in module_names:  # read, not imported: keys stay cheap to compute (no torch import)
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()
 
 
 def stage_key(
     stage: str,
-    module_name: str,
+    modules: Sequence[str],
     sections: Sequence[BaseModel],
     inputs: Sequence[Path],
     extra: Sequence[str] = (),
 ) -> str:
     parts = {
         "stage": stage,
-        "code": code_digest(module_name),
+        "code": code_digest(modules),
         "config": [section.model_dump(mode="json") for section in sections],
         "inputs": [fingerprint(Path(p)) for p in inputs],
         "extra": list(extra),
@@ -104,7 +106,7 @@ def build_output(
     if is_complete(final_dir):
         return final_dir
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final_dir) + ".lock"):
+    with FileLock(final_dir.with_name(f".{key}.lock")):
         if is_complete(final_dir):
             return final_dir
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final_dir.parent))

@@ -1,0 +1,141 @@
+"""Stage `evaluate`: base vs tuned on the held-out split, with the same weights and the same decoding.
+
+The tuned model is the base with the adapter; the base is the same model inside
+`disable_adapter()`, so both sides share the 4-bit weights, dtype and batching exactly.
+Metrics: loss and perplexity on response tokens, and format adherence of greedy answers (the answer
+ends with EOS before `eval.max_new_tokens` and does not open a new `### HUMAN:` turn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from finetune.config import EvalConfig, QuantConfig, TokenizeConfig
+from finetune.outputs import build_output, stage_key
+from finetune.tokenization import IGNORE_INDEX, format_prompt
+
+STAGE = "evaluate"
+MODULES = [__name__, "finetune.modeling"]
+NEW_TURN_MARKER = "### HUMAN:"
+
+
+def evaluate_key(
+    adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenized_dir: Path,
+    quant: QuantConfig, tokenize: TokenizeConfig, cfg: EvalConfig,
+) -> str:  # fmt: skip
+    return stage_key(
+        STAGE, MODULES, [quant, tokenize, cfg], [Path(adapter_dir), Path(model_dir), Path(prepared_dir), Path(tokenized_dir)]
+    )
+
+
+def response_loss(model, examples: pd.DataFrame, pad_token_id: int, batch_size: int) -> float:
+    """Mean cross-entropy per response token (labels != -100) over all examples."""
+    import torch
+
+    total_loss, total_tokens = 0.0, 0
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        rows = examples.iloc[start : start + batch_size]
+        width = max(len(ids) for ids in rows.input_ids)
+        ids = torch.full((len(rows), width), pad_token_id)
+        labels = torch.full((len(rows), width), IGNORE_INDEX)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_labels) in enumerate(zip(rows.input_ids, rows.labels)):
+            ids[i, : len(row_ids)] = torch.tensor(list(row_ids))
+            labels[i, : len(row_labels)] = torch.tensor(list(row_labels))
+            mask[i, : len(row_ids)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
+        shifted = labels[:, 1:].to(model.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_loss += loss.item()
+        total_tokens += int((shifted != IGNORE_INDEX).sum())
+    return total_loss / total_tokens
+
+
+def follows_format(new_ids: list[int], text: str, eos_token_id: int) -> bool:
+    return bool(new_ids) and new_ids[-1] == eos_token_id and NEW_TURN_MARKER not in text
+
+
+def _side(model, tokenizer, eval_tokens: pd.DataFrame, prompts: list[str], cfg: EvalConfig) -> tuple[dict, list[str]]:
+    from finetune.modeling import greedy_generate
+
+    loss = response_loss(model, eval_tokens, tokenizer.pad_token_id, cfg.batch_size)
+    generated = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+    adherent = [follows_format(ids, text, tokenizer.eos_token_id) for ids, text in zip(generated, texts)]
+    metrics = {
+        "loss": round(loss, 4),
+        "perplexity": round(math.exp(loss), 3),
+        "format_adherence": round(sum(adherent) / len(adherent), 4),
+        "mean_new_tokens": round(sum(len(ids) for ids in generated) / len(generated), 1),
+    }
+    return metrics, texts
+
+
+def _report_markdown(metrics: dict, samples: list[dict]) -> str:
+    base, tuned = metrics["base"], metrics["tuned"]
+    lines = [
+        "# Evaluation: base vs tuned",
+        "",
+        f"Held-out prompts: {metrics['examples']}; greedy decoding, at most {metrics['max_new_tokens']} new tokens.",
+        "",
+        "| metric | base | tuned |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {base[name]} | {tuned[name]} |" for name in ("loss", "perplexity", "format_adherence", "mean_new_tokens")]
+    lines += ["", "## Samples", ""]
+    for sample in samples[:5]:
+        lines += [f"**{sample['instruction']}**", "", f"- base: {sample['base']!r}", f"- tuned: {sample['tuned']!r}", ""]
+    return "\n".join(lines)
+
+
+def evaluate_adapter(
+    adapter_dir: Path,
+    model_dir: Path,
+    prepared_dir: Path,
+    tokenized_dir: Path,
+    quant: QuantConfig,
+    tokenize: TokenizeConfig,
+    cfg: EvalConfig,
+    root: Path,
+) -> Path:
+    """Write metrics.json (base, tuned), samples.jsonl and report.md."""
+    key = evaluate_key(adapter_dir, model_dir, prepared_dir, tokenized_dir, quant, tokenize, cfg)
+
+    def build(out: Path) -> dict:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from finetune.modeling import load_base
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eval_rows = pd.read_parquet(Path(prepared_dir) / "eval.parquet")
+        eval_tokens = pd.read_parquet(Path(tokenized_dir) / "eval.parquet")
+        prompts = [format_prompt(tokenize.template, text) for text in eval_rows.instruction]
+
+        model = PeftModel.from_pretrained(load_base(Path(model_dir), quant), Path(adapter_dir) / "adapter")
+        tuned, tuned_texts = _side(model, tokenizer, eval_tokens, prompts, cfg)
+        with model.disable_adapter():
+            base, base_texts = _side(model, tokenizer, eval_tokens, prompts, cfg)
+
+        metrics = {"examples": len(prompts), "max_new_tokens": cfg.max_new_tokens, "base": base, "tuned": tuned}
+        samples = [
+            {"instruction": ins, "reference": ref, "base": b, "tuned": t}
+            for ins, ref, b, t in zip(eval_rows.instruction, eval_rows.response, base_texts, tuned_texts)
+        ]
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+        (out / "report.md").write_text(_report_markdown(metrics, samples), encoding="utf-8")
+        return {"eval_loss_base": base["loss"], "eval_loss_tuned": tuned["loss"]}
+
+    return build_output(root, STAGE, key, build)

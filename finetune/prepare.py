@@ -1,0 +1,224 @@
+"""Stage `prepare`: raw instruction/response files -> validated train/eval parquet + data report.
+
+Rows are checked by a pandera schema, lazily, so every failing row is reported with its file, line and
+reason instead of the first one only. Rejected rows are written beside the splits; the raw files are
+only read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from finetune.config import DataConfig
+from finetune.outputs import build_output, stage_key
+
+STAGE = "prepare"
+TEMPLATE_MARKERS = ("### HUMAN:", "### RESPONSE:")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and line and what to fix."""
+
+
+def _no_marker(text: Series[str]) -> Series[bool]:
+    return ~text.str.contains("|".join(re.escape(m) for m in TEMPLATE_MARKERS), regex=True)
+
+
+class RawRow(pa.DataFrameModel):
+    """One instruction/response pair as read from disk, before any cleaning."""
+
+    instruction: Series[str] = pa.Field(nullable=False)
+    response: Series[str] = pa.Field(nullable=False)
+    topic: Series[str] = pa.Field(nullable=True)
+    source_file: Series[str]
+    source_line: Series[int] = pa.Field(ge=1)
+
+    @pa.check("instruction", "response", name="not_blank")
+    def _not_blank(cls, text: Series[str]) -> Series[bool]:
+        return text.str.strip().str.len() > 0
+
+    @pa.check("instruction", "response", name="no_template_marker")
+    def _no_template_marker(cls, text: Series[str]) -> Series[bool]:
+        return _no_marker(text)
+
+    class Config:
+        strict = True
+        coerce = False
+
+
+def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
+    """Config-dependent bounds, checked after the structural schema."""
+    bounds = pa.Check.str_length(cfg.min_chars, cfg.max_chars, name=f"length_{cfg.min_chars}_to_{cfg.max_chars}_chars")
+    checks = {"instruction": pa.Column(str, bounds), "response": pa.Column(str, bounds)}
+    if cfg.topics is not None:
+        checks["topic"] = pa.Column(str, pa.Check.isin(cfg.topics, name="known_topic"), nullable=False)
+    return pa.DataFrameSchema(checks, strict=False)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], list[dict]]:
+    """Rows of a JSON Lines file, each with its file and line; lines that are not records are rejects."""
+    rows, rejects = [], []
+    with path.open("r", encoding="utf-8", errors="strict") as handle:
+        try:
+            lines = handle.read().splitlines()
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = {"source_file": str(path), "source_line": number}
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            rejects.append({**where, "reason": f"malformed JSON: {error.msg}"})
+            continue
+        if not isinstance(record, dict):
+            rejects.append({**where, "reason": "a JSON object {instruction, response, topic} is expected"})
+            continue
+        fields = {"instruction", "response"}
+        if not fields <= record.keys():
+            rejects.append({**where, "reason": f"missing field(s) {sorted(fields - record.keys())}; found {sorted(record)}"})
+            continue
+        values = {name: record.get(name) for name in ("instruction", "response", "topic")}
+        if not all(isinstance(values[n], str) for n in fields) or not isinstance(values["topic"], (str, type(None))):
+            rejects.append({**where, "reason": "instruction, response and topic must be text"})
+            continue
+        rows.append({**values, **where})
+    return rows, rejects
+
+
+def _validate(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """Split rows into those passing both schemas and rejects with every reason that applies."""
+    if frame.empty:
+        return frame, []
+    reasons: dict[int, list[str]] = {}
+    for schema in (RawRow.to_schema(), _length_schema(cfg)):
+        try:
+            schema.validate(frame, lazy=True)
+        except pa.errors.SchemaErrors as errors:
+            cases = errors.failure_cases
+            for index, column, check, case in cases[["index", "column", "check", "failure_case"]].itertuples(index=False):
+                if pd.isna(index):  # a failure of the whole frame (a column's type): a bug, not a row
+                    raise DataError(f"rows do not match the schema: {column}: expected {check}, got {case}") from None
+                reasons.setdefault(int(index), []).append(f"{column}: {check}")
+    rejected = [
+        {"source_file": frame.at[i, "source_file"], "source_line": int(frame.at[i, "source_line"]), "reason": "; ".join(r)}
+        for i, r in sorted(reasons.items())
+    ]
+    return frame.drop(index=list(reasons)), rejected
+
+
+def _normalized(text: pd.Series) -> pd.Series:
+    return text.str.lower().str.split().str.join(" ")
+
+
+def load_rows(files: list[Path], cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
+    rows, rejected = [], []
+    for path in files:
+        file_rows, file_rejects = read_jsonl(path)
+        rows += file_rows
+        rejected += file_rejects
+    columns = ["instruction", "response", "topic", "source_file", "source_line"]
+    frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
+    frame, invalid = _validate(frame, cfg)
+    frame = frame.assign(instruction=frame.instruction.str.strip(), response=frame.response.str.strip())
+    return frame.reset_index(drop=True), rejected + invalid
+
+
+def _length_stats(frame: pd.DataFrame) -> dict:
+    stats = {}
+    for column in ("instruction", "response"):
+        words = frame[column].str.split().str.len()
+        stats[column] = {"words_mean": round(float(words.mean()), 1), "words_max": int(words.max())} if len(frame) else {}
+    return stats
+
+
+def _report_markdown(report: dict) -> str:
+    lines = [
+        "# Data report",
+        "",
+        f"Training rows: **{report['train_rows']}** from {len(report['train_files'])} file(s); "
+        f"evaluation rows: **{report['eval_rows']}**; rejected: **{report['rejected_rows']}**; "
+        f"duplicates collapsed: {report['duplicates_collapsed']}.",
+        "",
+        "| topic | train | eval |",
+        "|---|---:|---:|",
+    ]
+    topics = sorted(set(report["topics_train"]) | set(report["topics_eval"]))
+    lines += [f"| {t} | {report['topics_train'].get(t, 0)} | {report['topics_eval'].get(t, 0)} |" for t in topics]
+    lines += ["", "| field | words (mean) | words (max) |", "|---|---:|---:|"]
+    for field, stat in report["lengths_train"].items():
+        lines.append(f"| {field} | {stat.get('words_mean', '-')} | {stat.get('words_max', '-')} |")
+    if report["rejected_examples"]:
+        lines += ["", "First rejects:", ""] + [f"- `{r['source_file']}:{r['source_line']}`: {r['reason']}" for r in report["rejected_examples"]]
+    return "\n".join(lines) + "\n"
+
+
+def raw_files(raw_dir: Path) -> list[Path]:
+    files = sorted(Path(raw_dir).glob("*.jsonl"))
+    if not files:
+        raise DataError(f"{raw_dir}: no *.jsonl files; put instruction/response pairs there (see README, Data)")
+    return files
+
+
+def prepare_key(raw_dir: Path, heldout_path: Path, cfg: DataConfig) -> str:
+    return stage_key(STAGE, [__name__], [cfg], [*raw_files(raw_dir), Path(heldout_path)])
+
+
+def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Path) -> Path:
+    """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, report."""
+    files = raw_files(raw_dir)
+    if not Path(heldout_path).is_file():
+        raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
+
+    def build(out: Path) -> dict:
+        train, rejected = load_rows(files, cfg)
+        evaluation, eval_rejected = load_rows([Path(heldout_path)], cfg)
+        if eval_rejected:
+            first = eval_rejected[0]
+            raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
+        if evaluation.empty:
+            raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
+        # Collapse duplicates (case and whitespace insensitive) and drop anything that leaks the held-out set.
+        key = _normalized(train.instruction) + "\x00" + _normalized(train.response)
+        duplicated = key.duplicated()
+        leaked = _normalized(train.instruction).isin(set(_normalized(evaluation.instruction)))
+        rejected += [
+            {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
+            for r in train[leaked & ~duplicated].itertuples()
+        ]
+        train = train[~duplicated & ~leaked].reset_index(drop=True)
+        total = len(train) + len(rejected) + int(duplicated.sum())
+        if total == 0 or len(train) == 0:
+            raise DataError(f"{raw_dir}: no usable training rows")
+        if len(rejected) / total > cfg.max_reject_share:
+            listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
+            raise DataError(
+                f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
+                f"{listed}. Fix those rows or raise the limit."
+            )
+        train.to_parquet(out / "train.parquet", index=False)
+        evaluation.to_parquet(out / "eval.parquet", index=False)
+        pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
+        report = {
+            "train_rows": len(train),
+            "eval_rows": len(evaluation),
+            "rejected_rows": len(rejected),
+            "duplicates_collapsed": int(duplicated.sum()),
+            "train_files": [str(f) for f in files],
+            "topics_train": train.topic.fillna("(none)").value_counts().sort_index().to_dict(),
+            "topics_eval": evaluation.topic.fillna("(none)").value_counts().sort_index().to_dict(),
+            "lengths_train": _length_stats(train),
+            "rejected_examples": rejected[:10],
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (out / "report.md").write_text(_report_markdown(report), encoding="utf-8")
+        return {"train_rows": len(train), "eval_rows": len(evaluation), "rejected_rows": len(rejected)}
+
+    return build_output(root, STAGE, prepare_key(raw_dir, heldout_path, cfg), build)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, and a Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights (about 3.2M parameters, most in the embedding) saved as a
+    local model folder; its tokenizer is the embedded SmolLM2 one, so the data tokenizes for real."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from finetune.resolve import builtin_gguf_path
+
+    gguf = builtin_gguf_path("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_dir = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    """A copy of the project's data in a fresh folder; outputs and runs go there too."""
+    shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "eval", tmp_path / "data" / "eval")
+    return tmp_path
+
+
+def workspace_overrides(workspace: Path) -> list[str]:
+    return [
+        f"paths.raw_dir={workspace / 'data/raw'}",
+        f"paths.heldout_path={workspace / 'data/eval/heldout.jsonl'}",
+        f"paths.processed_dir={workspace / 'data/processed'}",
+        f"paths.output_dir={workspace / 'outputs'}",
+        f"paths.runs_dir={workspace / 'runs'}",
+    ]

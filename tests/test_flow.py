@@ -1,0 +1,95 @@
+"""The whole flow under a Prefect test server, on a tiny random Llama: stages, record, artifacts, cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.config import load_config
+from tests.conftest import ROOT, workspace_overrides
+
+STAGES = ["prepare", "resolve_model", "tokenize", "train", "evaluate", "merge"]
+
+
+def _artifacts(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in found}
+
+
+@pytest.fixture
+def tiny_config(workspace, tiny_model_dir):
+    def make(*overrides: str):
+        sets = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", *overrides]
+        return load_config(ROOT / "configs" / "tiny.yaml", sets)
+
+    return make
+
+
+def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_config, workspace):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.finetune import finetune
+
+    first = finetune(tiny_config(), "configs/tiny.yaml")
+
+    assert first["status"] == "completed"
+    assert list(first["stages"]) == STAGES
+    assert {s["state"] for s in first["stages"].values()} == {"completed"}
+    metrics = first["metrics"]
+    assert metrics["train_steps"] == 13  # 104 pairs / (4 x 2), one epoch
+    assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
+    assert metrics["eval_loss_base"] is not None and metrics["eval_loss_tuned"] is not None
+    assert 0 <= metrics["format_adherence_tuned"] <= 1
+
+    run_dir = workspace / "runs" / first["run_name"]
+    on_disk = json.loads((run_dir / "run.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["flow_run_id"] == first["flow_run_id"]
+    assert on_disk["versions"]["prefect"].startswith("3.")
+    assert {"config.yaml", "run.json", "run_card.md", "data_report.md", "evaluation.md"} <= {p.name for p in run_dir.iterdir()}
+    assert "lora:" in (run_dir / "config.yaml").read_text()
+
+    artifacts = _artifacts(first["flow_run_id"])
+    assert {"run-card", "data-report", "training-loss", "training-progress", "evaluation", "adapter", "merged-model"} <= set(artifacts)
+    assert artifacts["training-progress"].data == 100.0
+    assert len(json.loads(artifacts["training-loss"].data)) == 13
+
+    merged_dir = workspace / "outputs" / "merge" / first["stages"]["merge"]["key"] / "model"
+    assert on_disk["stages"]["merge"]["output_dir"] == str(merged_dir.parent.resolve())
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    generated = model.generate(**tokenizer("### HUMAN:\nHi\n\n### RESPONSE:\n", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > 0
+
+    second = finetune(tiny_config(), "configs/tiny.yaml")
+    assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
+    assert {name: s["key"] for name, s in second["stages"].items()} == {name: s["key"] for name, s in first["stages"].items()}
+    assert second["metrics"] == first["metrics"]
+    assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
+
+    third = finetune(tiny_config("lora.r=16"), "configs/tiny.yaml")
+    states = {name: s["state"] for name, s in third["stages"].items()}
+    assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
+                      "train": "completed", "evaluate": "completed", "merge": "completed"}  # fmt: skip
+    assert third["stages"]["train"]["key"] != first["stages"]["train"]["key"]
+    assert third["metrics"]["trainable_params"] == 2 * first["metrics"]["trainable_params"]
+
+
+def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_config, workspace):
+    from flows.finetune import StageFailed, finetune
+
+    (workspace / "data" / "eval" / "heldout.jsonl").write_text("")  # an empty evaluation set
+
+    with pytest.raises(StageFailed) as failure:
+        finetune(tiny_config(), "configs/tiny.yaml")
+
+    assert failure.value.stage == "prepare"
+    assert "no held-out rows" in failure.value.reason
+    record = json.loads((failure.value.run_dir / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["stages"]["prepare"]["state"] == "failed"
+    assert "train" not in record["stages"]
