@@ -54,11 +54,26 @@ class RawRow(pa.DataFrameModel):
 
 def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
     """Config-dependent bounds, checked after the structural schema."""
-    bounds = pa.Check.str_length(cfg.min_chars, cfg.max_chars, name=f"length_{cfg.min_chars}_to_{cfg.max_chars}_chars")
+    bounds = pa.Check(
+        lambda text: text.str.strip().str.len().between(cfg.min_chars, cfg.max_chars), name="length_bounds"
+    )
     checks = {"instruction": pa.Column(str, bounds), "response": pa.Column(str, bounds)}
     if cfg.topics is not None:
-        checks["topic"] = pa.Column(str, pa.Check.isin(cfg.topics, name="known_topic"), nullable=False)
+        known = set(cfg.topics)
+        checks["topic"] = pa.Column(str, pa.Check(lambda topic: topic.isin(known), name="known_topic"), nullable=True)
     return pa.DataFrameSchema(checks, strict=False)
+
+
+def _describe(column: str, check: str, cfg: DataConfig) -> str:
+    """A pandera check name as a reason a person can act on."""
+    reasons = {
+        "not_blank": "is empty after trimming whitespace",
+        "no_template_marker": f"contains a template marker ({' / '.join(TEMPLATE_MARKERS)}), which would shift the loss mask",
+        "length_bounds": f"length is outside data.min_chars..data.max_chars ({cfg.min_chars}..{cfg.max_chars} characters)",
+        "known_topic": f"is missing or not one of data.topics {cfg.topics}",
+        "not_nullable": "is missing",
+    }
+    return f"{column} {reasons.get(check, check)}"
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], list[dict]]:
@@ -106,7 +121,7 @@ def _validate(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, list[
             for index, column, check, case in cases[["index", "column", "check", "failure_case"]].itertuples(index=False):
                 if pd.isna(index):  # a failure of the whole frame (a column's type): a bug, not a row
                     raise DataError(f"rows do not match the schema: {column}: expected {check}, got {case}") from None
-                reasons.setdefault(int(index), []).append(f"{column}: {check}")
+                reasons.setdefault(int(index), []).append(_describe(column, check, cfg))
     rejected = [
         {"source_file": frame.at[i, "source_file"], "source_line": int(frame.at[i, "source_line"]), "reason": "; ".join(r)}
         for i, r in sorted(reasons.items())

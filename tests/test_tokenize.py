@@ -1,0 +1,46 @@
+import json
+
+import pandas as pd
+import pytest
+
+from finetune.config import DataConfig, LossOn, TokenizeConfig
+from finetune.prepare import prepare_dataset
+from finetune.tokenization import IGNORE_INDEX, encode_example, load_tokenizer, tokenize_dataset, tokenize_key
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_prompt_is_masked_and_response_ends_with_trained_eos(tokenizer):
+    template = TokenizeConfig().template
+    example = encode_example(tokenizer, template, "Why is the sky blue?", "Rayleigh scattering.", LossOn.response)
+    ids, labels, n = example["input_ids"], example["labels"], example["prompt_length"]
+
+    assert labels[:n] == [IGNORE_INDEX] * n
+    assert labels[n:] == ids[n:]
+    assert ids[-1] == labels[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:n]) == "### HUMAN:\nWhy is the sky blue?\n\n### RESPONSE:\n"
+    assert tokenizer.decode(ids[n:-1]) == "Rayleigh scattering."
+
+
+def test_loss_on_full_trains_every_token(tokenizer):
+    example = encode_example(tokenizer, TokenizeConfig().template, "Q?", "A.", LossOn.full)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_tokenize_stage_writes_splits_and_stats(workspace, tiny_model_dir):
+    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "p")
+
+    out = tokenize_dataset(prepared, tiny_model_dir, TokenizeConfig(max_length=80), workspace / "p")
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["train"]["examples"] + stats["train"]["dropped_over_max_length"] == 104
+    assert stats["train"]["dropped_over_max_length"] > 0  # some default examples exceed 80 tokens
+    train = pd.read_parquet(out / "train.parquet")
+    assert train.input_ids.str.len().max() <= 80
+    assert all(any(t != IGNORE_INDEX for t in labels) for labels in train.labels)
+    assert tokenize_key(prepared, tiny_model_dir, TokenizeConfig(max_length=80)) != tokenize_key(
+        prepared, tiny_model_dir, TokenizeConfig()
+    )
