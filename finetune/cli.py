@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
-        config = load_config(config_path, args.overrides)
+        load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
     except ConfigError as error:
         print(f"finetune: config error:\n{error}", file=sys.stderr)
         return 2
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.finetune import StageFailed, finetune
 
     try:
-        record = finetune(config, str(config_path) if config_path else None)
+        record = finetune(str(config_path) if config_path else None, args.overrides)
     except StageFailed as failure:
         print(f"finetune: {failure} (record: {failure.run_dir / 'run.json'})", file=sys.stderr)
         return 1

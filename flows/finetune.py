@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from finetune.config import FinetuneConfig
+from finetune.config import load_config
 from finetune.record import RunRecord
 from tasks.reporting import publish_reports
 from tasks.stages import evaluate_task, merge_task, prepare_task, resolve_model_task, tokenize_task, train_task
@@ -43,8 +43,9 @@ def _run_stage(record: RunRecord, name: str, stage_task: Any, *args: Any) -> Pat
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: FinetuneConfig, config_path: str | None = None) -> dict[str, Any]:
-    """QLoRA fine-tuning of `config.model.base` on `config.paths.raw_dir`; returns the run record."""
+def finetune(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """QLoRA fine-tuning as `config_path` plus dotted `overrides` (["lora.r=16"]) say; returns the run record."""
+    config = load_config(Path(config_path) if config_path else None, overrides or [])
     paths = config.paths
     record = RunRecord.begin(config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()))
     print(f"run record: {record.run_dir}")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from finetune.config import load_config
 from tests.conftest import ROOT, workspace_overrides
 
 STAGES = ["prepare", "resolve_model", "tokenize", "train", "evaluate", "merge"]
@@ -21,21 +20,23 @@ def _artifacts(flow_run_id: str) -> dict[str, object]:
     return {artifact.key: artifact for artifact in found}
 
 
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
 @pytest.fixture
-def tiny_config(workspace, tiny_model_dir):
-    def make(*overrides: str):
-        sets = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", *overrides]
-        return load_config(ROOT / "configs" / "tiny.yaml", sets)
+def tiny_overrides(workspace, tiny_model_dir):
+    def make(*extra: str) -> list[str]:
+        return [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", *extra]
 
     return make
 
 
-def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_config, workspace):
+def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_overrides, workspace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.finetune import finetune
 
-    first = finetune(tiny_config(), "configs/tiny.yaml")
+    first = finetune(TINY, tiny_overrides())
 
     assert first["status"] == "completed"
     assert list(first["stages"]) == STAGES
@@ -65,13 +66,13 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_c
     generated = model.generate(**tokenizer("### HUMAN:\nHi\n\n### RESPONSE:\n", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 0
 
-    second = finetune(tiny_config(), "configs/tiny.yaml")
+    second = finetune(TINY, tiny_overrides())
     assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
     assert {name: s["key"] for name, s in second["stages"].items()} == {name: s["key"] for name, s in first["stages"].items()}
     assert second["metrics"] == first["metrics"]
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
 
-    third = finetune(tiny_config("lora.r=16"), "configs/tiny.yaml")
+    third = finetune(TINY, tiny_overrides("lora.r=16"))
     states = {name: s["state"] for name, s in third["stages"].items()}
     assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
                       "train": "completed", "evaluate": "completed", "merge": "completed"}  # fmt: skip
@@ -79,13 +80,13 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_c
     assert third["metrics"]["trainable_params"] == 2 * first["metrics"]["trainable_params"]
 
 
-def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_config, workspace):
+def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_overrides, workspace):
     from flows.finetune import StageFailed, finetune
 
     (workspace / "data" / "eval" / "heldout.jsonl").write_text("")  # an empty evaluation set
 
     with pytest.raises(StageFailed) as failure:
-        finetune(tiny_config(), "configs/tiny.yaml")
+        finetune(TINY, tiny_overrides())
 
     assert failure.value.stage == "prepare"
     assert "no held-out rows" in failure.value.reason
