@@ -1,8 +1,14 @@
 """Stage `merge`: adapter + full-precision base -> one standalone safetensors model with its tokenizer.
 
 The base is loaded in `merge.dtype` (16-bit by default), never 4-bit: folding the adapter into
-quantized weights would round it away. The parity check compares greedy outputs of the merged model
-with base+adapter in the same precision on the held-out prompts.
+quantized weights would round it away.
+
+Parity check: base+adapter decodes the held-out prompts greedily; the merged model, in the same
+precision, is fed the same tokens and must pick the same next token at every position. In 16-bit,
+`W x + B A x` and `(W + B A) x` round differently: on the default run the logits differed by up to 0.9
+in bf16 and flipped the top token only where the two best logits were within 0.25. So a disagreement
+counts as a numerical tie when the reference's top-2 margin is under TIE_MARGIN for the dtype, and
+anything else (a wrong scale, an adapter not merged) fails the stage before the model is saved.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from finetune.tokenization import format_prompt
 
 STAGE = "merge"
 MODULES = [__name__, "finetune.modeling"]
+# Logit margin under which a top-1 disagreement is rounding, per dtype: about twice the largest tie
+# flipped on the default run (bf16 0.25, fp16 0.016), and a fp32 floor.
+TIE_MARGIN = {"bfloat16": 0.5, "float16": 0.05, "float32": 0.01}
 
 
 class MergeParityError(RuntimeError):
@@ -26,6 +35,42 @@ class MergeParityError(RuntimeError):
 
 def merge_key(adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenize: TokenizeConfig, cfg: MergeConfig) -> str:
     return stage_key(STAGE, MODULES, [tokenize, cfg], [Path(adapter_dir), Path(model_dir), Path(prepared_dir)])
+
+
+def continuation_logits(model, tokenizer, prompts: list[str], continuations: list[list[int]]) -> list:
+    """Logits that chose each continuation token, (new_tokens, vocab) per prompt, in float32."""
+    import torch
+
+    logits = []
+    model.eval()
+    for prompt, continuation in zip(prompts, continuations):
+        prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = torch.cat([prompt_ids, torch.tensor([continuation])], dim=1).to(model.device)
+        with torch.inference_mode():
+            # Position t predicts token t+1: the last prompt position predicts the first new token.
+            logits.append(model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1 : -1].float().cpu())
+    return logits
+
+
+def compare_logits(reference: list, merged: list, tie_margin: float) -> dict:
+    positions = disagreements = beyond_ties = 0
+    max_diff = 0.0
+    for ref, mer in zip(reference, merged):
+        top2 = ref.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+        differ = ref.argmax(-1) != mer.argmax(-1)
+        positions += len(ref)
+        disagreements += int(differ.sum())
+        beyond_ties += int((differ & (margin >= tie_margin)).sum())
+        max_diff = max(max_diff, float((ref - mer).abs().max()))
+    return {
+        "positions": positions,
+        "top1_disagreements": disagreements,
+        "disagreements_beyond_ties": beyond_ties,
+        "tie_margin": tie_margin,
+        "max_logit_diff": round(max_diff, 4),
+        "passed": beyond_ties == 0,
+    }
 
 
 def merge_adapter(
@@ -47,29 +92,27 @@ def merge_adapter(
         instructions = pd.read_parquet(Path(prepared_dir) / "eval.parquet").instruction
         prompts = [format_prompt(tokenize.template, text) for text in instructions]
 
-        unmerged = greedy_generate(model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
+        reference = greedy_generate(model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
+        reference_logits = continuation_logits(model, tokenizer, prompts, reference)
         merged_model = model.merge_and_unload()
+        merged_logits = continuation_logits(merged_model, tokenizer, prompts, reference)
         merged = greedy_generate(merged_model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
-
-        # Tokens agreeing before the first difference, per prompt.
-        agree = [next((i for i, (a, b) in enumerate(zip(u, m)) if a != b), min(len(u), len(m))) for u, m in zip(unmerged, merged)]
-        identical = sum(u == m for u, m in zip(unmerged, merged))
-        parity = {
-            "dtype": cfg.dtype.value,
-            "prompts": len(prompts),
-            "identical": identical,
-            "max_new_tokens": cfg.parity_max_new_tokens,
-            "min_agreeing_tokens": min(agree),
-            "passed": identical == len(prompts),
-        }
+        parity = compare_logits(reference_logits, merged_logits, TIE_MARGIN[cfg.dtype.value])
+        parity.update(
+            dtype=cfg.dtype.value,
+            prompts=len(prompts),
+            max_new_tokens=cfg.parity_max_new_tokens,
+            identical_greedy=sum(r == m for r, m in zip(reference, merged)),
+        )
         (out / "parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
         if not parity["passed"]:
             raise MergeParityError(
-                f"merged model differs from base+adapter on {len(prompts) - identical} of {len(prompts)} prompts "
-                f"(first difference after {min(agree)} tokens) in {cfg.dtype.value}; try merge.dtype=float32"
+                f"merged model picks another token than base+adapter at {parity['disagreements_beyond_ties']} of "
+                f"{parity['positions']} positions where base+adapter was sure (top-2 margin >= {parity['tie_margin']}) "
+                f"in {cfg.dtype.value}; the merge is wrong, nothing was saved"
             )
         merged_model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-        return {"parity_identical": identical, "parity_prompts": len(prompts)}
+        return {"parity_passed": True, "parity_identical_greedy": parity["identical_greedy"]}
 
     return build_output(root, STAGE, merge_key(adapter_dir, model_dir, prepared_dir, tokenize, cfg), build)
