@@ -109,6 +109,8 @@ def build_output(
     with FileLock(final_dir.with_name(f".{key}.lock")):
         if is_complete(final_dir):
             return final_dir
+        for leftover in final_dir.parent.glob(f".{key}.*.tmp"):  # from a killed build; we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final_dir.parent))
         try:
             info = build(tmp_dir) or {}

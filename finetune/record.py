@@ -97,6 +97,9 @@ class RunRecord:
         base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
         return {
             "train_steps": train.get("train_steps"),
+            "resumed_from_step": train.get("resumed_from_step"),
+            "micro_batch": train.get("micro_batch"),
+            "micro_batch_adjustments": train.get("micro_batch_adjustments"),
             "final_train_loss": train.get("final_train_loss"),
             "eval_loss_base": base.get("loss"),
             "eval_loss_tuned": tuned.get("loss"),

@@ -1,26 +1,46 @@
 """Stage `train`: QLoRA on the tokenized data -> a LoRA adapter, its loss per step and a summary.
 
 The recipe is configuration of the libraries, not code: bitsandbytes NF4 base (modeling.load_base),
-peft `prepare_model_for_kbit_training` + LoRA, TRL `SFTTrainer`. Checkpoints live beside the output
-under the same key (`<key>.checkpoints/`), so a retry or a new run with the same inputs resumes.
+peft `prepare_model_for_kbit_training` + LoRA, TRL `SFTTrainer`.
+
+Faults: checkpoints live beside the output under the same key (`<key>.checkpoints/`), sealed after
+each save, so a Prefect retry or a new run with the same inputs resumes from the newest whole one
+(the Trainer restores optimizer, scheduler, RNG and data order). A CUDA out-of-memory error leaves a
+note there that halves the micro-batch and doubles accumulation (same effective batch) for the retry.
+A NaN or infinite loss stops training at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import logging
 import math
 import resource
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from finetune.checkpoints import newest_intact_checkpoint, seal_checkpoint
 from finetune.config import LoraConfig, QuantConfig, TrainConfig
-from finetune.outputs import build_output, output_dir_for, stage_key
+from finetune.outputs import build_output, output_dir_for, stage_key, write_text_atomic
 
 STAGE = "train"
-MODULES = [__name__, "finetune.modeling"]
+MODULES = [__name__, "finetune.modeling", "finetune.checkpoints"]
+MICRO_BATCH_NOTE = "micro_batch.json"  # in the checkpoints folder: the micro-batch after an OOM
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; retrying the same run would do the same."""
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """Out of GPU memory; the retry uses the smaller micro-batch noted in the checkpoints folder."""
+
+
+class OutOfMemoryAtSmallestBatch(RuntimeError):
+    """Out of GPU memory with a micro-batch of 1: no retry can help."""
 
 # (step, max_steps, logs) after each logged optimizer step; the Prefect task turns it into logs and progress.
 Progress = Callable[[int, int, dict], None]
@@ -34,10 +54,29 @@ def checkpoints_dir(root: Path, key: str) -> Path:
     return output_dir_for(root, STAGE, key).with_name(f"{key}.checkpoints")
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """Newest `checkpoint-N` that the Trainer finished writing (its trainer_state.json is written last)."""
-    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def micro_batch(work_dir: Path, train: TrainConfig) -> tuple[int, int, list[dict]]:
+    """(batch_size, grad_accum, adjustments): the config's, unless an OOM note halved the micro-batch."""
+    try:
+        note = json.loads((work_dir / MICRO_BATCH_NOTE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return train.batch_size, train.grad_accum, []
+    return note["batch_size"], note["grad_accum"], note["adjustments"]
+
+
+def note_out_of_memory(work_dir: Path, batch_size: int, grad_accum: int, adjustments: list[dict], step: int) -> str:
+    """Halve the micro-batch for the next attempt, keeping batch_size x grad_accum; return what changed."""
+    if batch_size == 1:
+        raise OutOfMemoryAtSmallestBatch(
+            "train: out of GPU memory with micro-batch 1; lower tokenize.max_length, keep "
+            "train.gradient_checkpointing=true, or use a GPU with more memory"
+        )
+    smaller = batch_size // 2
+    longer = math.ceil(batch_size * grad_accum / smaller)  # same effective batch (exactly, for even sizes)
+    change = {"at_step": step, "from": [batch_size, grad_accum], "to": [smaller, longer]}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    note = {"batch_size": smaller, "grad_accum": longer, "adjustments": [*adjustments, change]}
+    write_text_atomic(work_dir / MICRO_BATCH_NOTE, json.dumps(note, indent=2))
+    return f"micro-batch {batch_size} x accumulation {grad_accum} -> {smaller} x {longer}"
 
 
 def reset_peak_memory() -> None:
@@ -83,26 +122,28 @@ def train_adapter(
     train: TrainConfig,
     root: Path,
     progress: Progress | None = None,
+    logger: logging.Logger | None = None,
 ) -> Path:
     """Train a LoRA adapter on the frozen (4-bit) base; write adapter/, log_history.json, summary.json."""
     key = train_key(tokenized_dir, model_dir, quant, lora, train)
     work_dir = checkpoints_dir(root, key)
+    logger = logger or logging.getLogger(__name__)
 
     def build(out: Path) -> dict:
         import torch
         from datasets import Dataset
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+        from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
         from trl import SFTConfig, SFTTrainer
 
         from finetune.modeling import device_name, load_base, pick_compute_dtype
 
-        # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
-        fields = {f.name for f in dataclasses.fields(SFTConfig)}
-        checkpointing_arg = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         started = time.monotonic()
         compute_dtype = pick_compute_dtype(quant.compute_dtype)
+        batch_size, grad_accum, adjustments = micro_batch(work_dir, train)
+        if adjustments:
+            logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", batch_size, grad_accum)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -112,6 +153,7 @@ def train_adapter(
         base_bytes_loaded = model.get_memory_footprint()
         if quant.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+        set_seed(train.seed)  # the adapter's random init happens here, before the Trainer seeds anything
         model = get_peft_model(
             model,
             PeftLoraConfig(
@@ -125,11 +167,13 @@ def train_adapter(
         )
         trainable, total = model.get_nb_trainable_parameters()
 
-        steps_per_epoch = math.ceil(math.ceil(len(dataset) / train.batch_size) / train.grad_accum)
+        # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
+        fields = {f.name for f in dataclasses.fields(SFTConfig)}
+        checkpointing_arg = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         args = SFTConfig(
             output_dir=str(work_dir),
-            per_device_train_batch_size=train.batch_size,
-            gradient_accumulation_steps=train.grad_accum,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
             num_train_epochs=train.epochs,
             learning_rate=train.learning_rate,
             lr_scheduler_type=train.lr_scheduler,
@@ -142,6 +186,7 @@ def train_adapter(
             fp16=compute_dtype == torch.float16,
             use_cpu=device_name() == "cpu",
             logging_steps=1,
+            logging_nan_inf_filter=False,  # the Trainer's default hides a NaN loss; Watch must see it
             save_strategy="steps",
             save_steps=train.save_every_steps,
             save_total_limit=train.save_total_limit,
@@ -153,23 +198,44 @@ def train_adapter(
             max_length=None,  # tokenize already enforced tokenize.max_length
         )
 
-        class ReportProgress(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    line = log_line(state.global_step, state.max_steps, logs)
-                    if progress is not None:
-                        progress(state.global_step, state.max_steps, logs)
-                    else:
-                        print(line, file=sys.stderr, flush=True)
+        class Watch(TrainerCallback):
+            """One log line per step, a seal after each checkpoint, and a stop on a non-finite loss."""
 
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[ReportProgress()]
-        )
-        trainer.remove_callback(PrinterCallback)  # ReportProgress prints one line per step instead
-        resume_from = latest_checkpoint(work_dir) if work_dir.is_dir() else None
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if not logs or "loss" not in logs:
+                    return
+                if not math.isfinite(logs["loss"]):
+                    raise NonFiniteLossError(
+                        f"train: loss is {logs['loss']} at step {state.global_step}; lower train.learning_rate or "
+                        "check the data of that step (the run is not retried)"
+                    )
+                if progress is not None:
+                    progress(state.global_step, state.max_steps, logs)
+                else:
+                    logger.info(log_line(state.global_step, state.max_steps, logs))
+
+            def on_save(self, args, state, control, **kwargs):
+                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Watch()])
+        trainer.remove_callback(PrinterCallback)  # Watch logs one line per step instead
+        resume_from = newest_intact_checkpoint(work_dir, logger)
+        if resume_from is not None:
+            logger.info("resuming from %s", resume_from.name)
         reset_peak_memory()
         train_started = time.monotonic()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        out_of_memory = False
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the error's frames (and their tensors) are freed
+            step = trainer.state.global_step
+            del trainer, model
+            gc.collect()
+            torch.cuda.empty_cache()
+            change = note_out_of_memory(work_dir, batch_size, grad_accum, adjustments, step)
+            raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {change}")
         train_seconds = time.monotonic() - train_started
 
         trainer.model.save_pretrained(out / "adapter")
@@ -177,11 +243,16 @@ def train_adapter(
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         (out / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         peak, peak_kind = peak_memory_bytes()
-        tokens = history[-1].get("num_tokens", 0) if history else 0  # cumulative tokens the trainer saw
+        resumed_step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
+        # num_tokens is cumulative over the whole training, resumed part included.
+        tokens_before = next((e.get("num_tokens", 0) for e in history if e["step"] == resumed_step), 0)
+        tokens = (history[-1].get("num_tokens", 0) - tokens_before) if history else 0
         summary = {
             "train_steps": trainer.state.global_step,
-            "steps_per_epoch": steps_per_epoch,
-            "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
+            "steps_per_epoch": math.ceil(math.ceil(len(dataset) / batch_size) / grad_accum),
+            "resumed_from_step": resumed_step,
+            "micro_batch": [batch_size, grad_accum],
+            "micro_batch_adjustments": adjustments,
             "final_train_loss": history[-1]["loss"] if history else None,
             "trainable_params": int(trainable),
             "total_params": int(total),

@@ -44,12 +44,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from finetune.merge import MergeParityError
     from finetune.prepare import DataError
     from finetune.resolve import ModelResolutionError
+    from finetune.train import NonFiniteLossError, OutOfMemoryAtSmallestBatch
 
-    return (ConfigError, DataError, ModelResolutionError, MergeParityError)
+    return (ConfigError, DataError, ModelResolutionError, MergeParityError, NonFiniteLossError, OutOfMemoryAtSmallestBatch)
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry transient failures only."""
+    """Prefect `retry_condition_fn`: retry transient failures (and out-of-memory, with a smaller
+    micro-batch), never errors that the same inputs would raise again."""
     try:
         state.result()
     except user_error_types():

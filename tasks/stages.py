@@ -46,7 +46,7 @@ def train_task(
         logger.info(log_line(step, max_steps, logs))
         update_progress_artifact(progress_id, 100.0 * step / max_steps)
 
-    return train_adapter(tokenized_dir, model_dir, quant, lora, train, root, progress=report)
+    return train_adapter(tokenized_dir, model_dir, quant, lora, train, root, progress=report, logger=logger)
 
 
 @task(name=EVALUATE, cache_policy=StageCache(stage=EVALUATE, key_fn=evaluate_key), retries=1, retry_delay_seconds=10, **common)
