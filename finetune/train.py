@@ -244,9 +244,10 @@ def train_adapter(
         (out / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         peak, peak_kind = peak_memory_bytes()
         resumed_step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
-        # num_tokens is cumulative over the whole training, resumed part included.
-        tokens_before = next((e.get("num_tokens", 0) for e in history if e["step"] == resumed_step), 0)
-        tokens = (history[-1].get("num_tokens", 0) - tokens_before) if history else 0
+        # Tokens this session trained on (TRL's num_tokens counter restarts on resume, so count them here).
+        epoch_tokens = sum(len(ids) for ids in dataset["input_ids"])
+        done = (trainer.state.global_step - resumed_step) / max(trainer.state.max_steps, 1)
+        tokens = epoch_tokens * train.epochs * done
         summary = {
             "train_steps": trainer.state.global_step,
             "steps_per_epoch": math.ceil(math.ceil(len(dataset) / batch_size) / grad_accum),

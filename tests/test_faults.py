@@ -19,7 +19,9 @@ from tests.conftest import ROOT, workspace_overrides
 TINY = ROOT / "configs" / "tiny.yaml"
 # Two epochs of 26 steps (micro-batch 2 x 2), a checkpoint every 2 steps: resume points in every epoch.
 LONGER = ["train.epochs=2", "train.batch_size=2", "train.grad_accum=2", "train.save_every_steps=2"]
-LOSS_TOLERANCE = 1e-4  # absolute, per step: resumed vs uninterrupted training on the same CPU
+# Absolute, per step, resumed vs uninterrupted on the same CPU (losses about 10.8): measured up to 7.2e-5,
+# float noise that grows slowly after the resume; a wrong data order or a lost optimizer state is > 1e-2.
+LOSS_TOLERANCE = 1e-3
 
 
 def _overrides(workspace: Path, model_dir: Path, *extra: str) -> list[str]:
