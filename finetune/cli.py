@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.config import ConfigError, load_config
+from finetune.config import ConfigError, check_inputs, load_config
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -19,11 +19,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="QLoRA fine-tuning as a cached, retryable Prefect flow.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole pipeline; finished stages come from cache")
-    run.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG} if present)")
-    run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set lora.r=16 (repeatable)",
-    )  # fmt: skip
+    validate = commands.add_parser("validate", help="check the config and the data contract only; print the data report")
+    for command in (run, validate):
+        command.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG} if present)")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override one config value, e.g. --set lora.r=16 (repeatable)",
+        )  # fmt: skip
     return parser
 
 
@@ -40,14 +42,32 @@ def _summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _validate(config) -> int:
+    """The data contract alone (no model, no Prefect): the prepare stage, cached by its key like in a run."""
+    from finetune.prepare import DataError, prepare_dataset
+
+    paths = config.paths
+    try:
+        prepared = prepare_dataset(paths.raw_dir, paths.heldout_path, config.data, paths.processed_dir)
+    except DataError as error:
+        print(f"finetune: data error: {error}", file=sys.stderr)
+        return 1
+    print((prepared / "report.md").read_text(encoding="utf-8"), end="")
+    print(f"\nprepared splits: {prepared}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
-        load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
+        config = load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
+        check_inputs(config)
     except ConfigError as error:
         print(f"finetune: config error:\n{error}", file=sys.stderr)
         return 2
+    if args.command == "validate":
+        return _validate(config)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
     from flows.finetune import StageFailed, finetune

@@ -28,6 +28,11 @@ class LossOn(StrEnum):
     full = "full"  # loss on the whole templated text, as the seed recipe did
 
 
+class OverLength(StrEnum):
+    reject = "reject"  # drop the example and list it with its file and line
+    truncate = "truncate"  # cut the response to fit; the prompt is never cut
+
+
 class ComputeDtype(StrEnum):
     auto = "auto"  # bf16 where the hardware has it, fp16 on GPUs without bf16, else fp32
     bfloat16 = "bfloat16"
@@ -69,6 +74,7 @@ class DataConfig(Section):
     max_reject_share: float = Field(
         0.05, ge=0, le=1, description="Fail the run if more than this share of rows is rejected."
     )
+    min_rows: int = Field(16, ge=1, description="Fail the run if fewer training rows than this remain.")
 
 
 class TokenizeConfig(Section):
@@ -76,8 +82,9 @@ class TokenizeConfig(Section):
         "### HUMAN:\n{instruction}\n\n### RESPONSE:\n",
         description="Prompt template; the response and the tokenizer's EOS follow it. Must contain {instruction}.",
     )
-    max_length: int = Field(
-        512, ge=8, description="Longest example in tokens; longer ones are dropped and counted. Memory grows with it."
+    max_length: int = Field(512, ge=8, description="Longest example in tokens; memory grows with it.")
+    overlength: OverLength = Field(
+        OverLength.reject, description="reject: drop longer examples, listed by file:line; truncate: cut their response."
     )
     loss_on: LossOn = Field(
         LossOn.response, description="response: learn the answers only (default); full: the whole text (seed)."
@@ -226,6 +233,21 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             message = "unknown key (check the spelling; see configs/default.yaml)" if item["type"] == "extra_forbidden" else item["msg"]
             lines.append(f"{source}: {key}: {message}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def check_inputs(config: FinetuneConfig) -> None:
+    """The data files the config names exist: checked before anything heavy is imported."""
+    from finetune.readers import SUFFIXES
+
+    raw_dir, heldout = config.paths.raw_dir, config.paths.heldout_path
+    if not raw_dir.is_dir():
+        raise ConfigError(f"paths.raw_dir: {raw_dir} is not a folder; point it at the training pairs")
+    if not any(p.suffix in SUFFIXES for p in raw_dir.iterdir()):
+        raise ConfigError(f"paths.raw_dir: {raw_dir} has no data files ({', '.join('*' + s for s in SUFFIXES)})")
+    if not heldout.is_file():
+        raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
+    if not heldout.read_bytes().strip():
+        raise ConfigError(f"paths.heldout_path: {heldout} is empty; evaluation needs at least one pair")
 
 
 def section_json(section: BaseModel) -> str:

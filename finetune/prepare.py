@@ -17,13 +17,12 @@ from pandera.typing import Series
 
 from finetune.config import DataConfig
 from finetune.outputs import build_output, stage_key
+from finetune.readers import DataError, data_files, read_pairs
 
 STAGE = "prepare"
+MODULES = [__name__, "finetune.readers"]
 TEMPLATE_MARKERS = ("### HUMAN:", "### RESPONSE:")
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file and line and what to fix."""
+__all__ = ["DataError", "prepare_dataset", "prepare_key"]
 
 
 def _no_marker(text: Series[str]) -> Series[bool]:
@@ -52,6 +51,23 @@ class RawRow(pa.DataFrameModel):
         coerce = False
 
 
+class PreparedRow(pa.DataFrameModel):
+    """A row of train.parquet / eval.parquet: trimmed, checked, traceable to its source."""
+
+    instruction: Series[str] = pa.Field(str_length={"min_value": 1})
+    response: Series[str] = pa.Field(str_length={"min_value": 1})
+    topic: Series[str] = pa.Field(nullable=True)
+    source_file: Series[str]
+    source_line: Series[int] = pa.Field(ge=1)
+
+    @pa.dataframe_check(name="unique_pairs")
+    def _unique(cls, frame: pd.DataFrame) -> bool:
+        return not frame.duplicated(["instruction", "response"]).any()
+
+    class Config:
+        strict = True
+
+
 def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
     """Config-dependent bounds, checked after the structural schema."""
     bounds = pa.Check(
@@ -60,7 +76,9 @@ def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
     checks = {"instruction": pa.Column(str, bounds), "response": pa.Column(str, bounds)}
     if cfg.topics is not None:
         known = set(cfg.topics)
-        checks["topic"] = pa.Column(str, pa.Check(lambda topic: topic.isin(known), name="known_topic"), nullable=True)
+        checks["topic"] = pa.Column(
+            str, pa.Check(lambda topic: topic.isin(known), name="known_topic", ignore_na=False), nullable=True
+        )
     return pa.DataFrameSchema(checks, strict=False)
 
 
@@ -74,38 +92,6 @@ def _describe(column: str, check: str, cfg: DataConfig) -> str:
         "not_nullable": "is missing",
     }
     return f"{column} {reasons.get(check, check)}"
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], list[dict]]:
-    """Rows of a JSON Lines file, each with its file and line; lines that are not records are rejects."""
-    rows, rejects = [], []
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        try:
-            lines = handle.read().splitlines()
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = {"source_file": str(path), "source_line": number}
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            rejects.append({**where, "reason": f"malformed JSON: {error.msg}"})
-            continue
-        if not isinstance(record, dict):
-            rejects.append({**where, "reason": "a JSON object {instruction, response, topic} is expected"})
-            continue
-        fields = {"instruction", "response"}
-        if not fields <= record.keys():
-            rejects.append({**where, "reason": f"missing field(s) {sorted(fields - record.keys())}; found {sorted(record)}"})
-            continue
-        values = {name: record.get(name) for name in ("instruction", "response", "topic")}
-        if not all(isinstance(values[n], str) for n in fields) or not isinstance(values["topic"], (str, type(None))):
-            rejects.append({**where, "reason": "instruction, response and topic must be text"})
-            continue
-        rows.append({**values, **where})
-    return rows, rejects
 
 
 def _validate(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
@@ -136,9 +122,9 @@ def _normalized(text: pd.Series) -> pd.Series:
 def load_rows(files: list[Path], cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
     rows, rejected = [], []
     for path in files:
-        file_rows, file_rejects = read_jsonl(path)
-        rows += file_rows
-        rejected += file_rejects
+        result = read_pairs(path)
+        rows += result.rows
+        rejected += result.rejects
     columns = ["instruction", "response", "topic", "source_file", "source_line"]
     frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
     frame, invalid = _validate(frame, cfg)
@@ -175,20 +161,13 @@ def _report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def raw_files(raw_dir: Path) -> list[Path]:
-    files = sorted(Path(raw_dir).glob("*.jsonl"))
-    if not files:
-        raise DataError(f"{raw_dir}: no *.jsonl files; put instruction/response pairs there (see README, Data)")
-    return files
-
-
 def prepare_key(raw_dir: Path, heldout_path: Path, cfg: DataConfig) -> str:
-    return stage_key(STAGE, [__name__], [cfg], [*raw_files(raw_dir), Path(heldout_path)])
+    return stage_key(STAGE, MODULES, [cfg], [*data_files(raw_dir), Path(heldout_path)])
 
 
 def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Path) -> Path:
     """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, report."""
-    files = raw_files(raw_dir)
+    files = data_files(raw_dir)
     if not Path(heldout_path).is_file():
         raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
 
@@ -200,6 +179,7 @@ def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Pa
             raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
         if evaluation.empty:
             raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
+        PreparedRow.validate(evaluation, lazy=True)
         # Collapse duplicates (case and whitespace insensitive) and drop anything that leaks the held-out set.
         key = _normalized(train.instruction) + "\x00" + _normalized(train.response)
         duplicated = key.duplicated()
@@ -210,14 +190,18 @@ def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Pa
         ]
         train = train[~duplicated & ~leaked].reset_index(drop=True)
         total = len(train) + len(rejected) + int(duplicated.sum())
-        if total == 0 or len(train) == 0:
-            raise DataError(f"{raw_dir}: no usable training rows")
-        if len(rejected) / total > cfg.max_reject_share:
-            listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
+        listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
+        if total and len(rejected) / total > cfg.max_reject_share:
             raise DataError(
                 f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
                 f"{listed}. Fix those rows or raise the limit."
             )
+        if len(train) < cfg.min_rows:
+            raise DataError(
+                f"{raw_dir}: {len(train)} usable training rows, fewer than data.min_rows={cfg.min_rows}"
+                + (f"; rejected: {listed}" if rejected else "")
+            )
+        PreparedRow.validate(train, lazy=True)
         train.to_parquet(out / "train.parquet", index=False)
         evaluation.to_parquet(out / "eval.parquet", index=False)
         pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)

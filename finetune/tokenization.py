@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.config import LossOn, TokenizeConfig
+from finetune.config import LossOn, OverLength, TokenizeConfig
 from finetune.outputs import build_output, stage_key
+from finetune.readers import DataError
 
 STAGE = "tokenize"
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch cross-entropy convention)
@@ -44,24 +45,46 @@ def encode_example(tokenizer, template: str, instruction: str, response: str, lo
     return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt_ids)}
 
 
-def _encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict]:
-    encoded = pd.DataFrame(
-        [encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on) for row in frame.itertuples()]
-    )
-    lengths = encoded.input_ids.str.len()
-    over = lengths > cfg.max_length
-    kept = encoded[~over].reset_index(drop=True)
+def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[dict | None, str | None]:
+    """The example within max_length, or the reason it cannot be; truncation cuts the response only."""
+    length = len(example["input_ids"])
+    if length <= max_length:
+        return example, None
+    if overlength == OverLength.reject:
+        return None, f"{length} tokens, over tokenize.max_length={max_length} (or set tokenize.overlength=truncate)"
+    if example["prompt_length"] >= max_length:
+        return None, f"the prompt alone is {example['prompt_length']} tokens, over tokenize.max_length={max_length}"
+    # The cut response has no EOS: the model learns to continue, not to stop, on this example.
+    return {**example, "input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}, None
+
+
+def _encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
+    kept_rows, rejected, lengths, truncated = [], [], [], 0
+    for row in frame.itertuples():
+        example = encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on)
+        lengths.append(len(example["input_ids"]))
+        fitted, reason = fit_length(example, cfg.max_length, cfg.overlength)
+        if fitted is not None and not any(t != IGNORE_INDEX for t in fitted["labels"]):
+            fitted, reason = None, "no token left to train on after masking the prompt"
+        if fitted is None:
+            rejected.append({"source_file": row.source_file, "source_line": int(row.source_line), "reason": reason})
+            continue
+        truncated += fitted is not example
+        kept_rows.append(fitted)
+    kept = pd.DataFrame(kept_rows, columns=["input_ids", "labels", "prompt_length"])
+    lengths = pd.Series(lengths)
     trained = kept.labels.map(lambda labels: sum(1 for t in labels if t != IGNORE_INDEX))
     stats = {
         "examples": len(kept),
-        "dropped_over_max_length": int(over.sum()),
+        "rejected": len(rejected),
+        "truncated": int(truncated),
         "tokens_total": int(kept.input_ids.str.len().sum()),
         "tokens_trained": int(trained.sum()),
         "length_mean": round(float(lengths.mean()), 1),
         "length_max": int(lengths.max()),
         "length_p95": int(lengths.quantile(0.95)),
     }
-    return kept, stats
+    return kept, stats, rejected
 
 
 def tokenize_key(prepared_dir: Path, model_dir: Path, cfg: TokenizeConfig) -> str:
@@ -73,15 +96,18 @@ def tokenize_dataset(prepared_dir: Path, model_dir: Path, cfg: TokenizeConfig, r
 
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(Path(model_dir))
-        stats = {}
+        stats, rejected = {}, []
         for split in ("train", "eval"):
             frame = pd.read_parquet(Path(prepared_dir) / f"{split}.parquet")
-            encoded, stats[split] = _encode_split(tokenizer, frame, cfg)
+            encoded, stats[split], split_rejects = _encode_split(tokenizer, frame, cfg)
+            rejected += [{**r, "split": split} for r in split_rejects]
             if encoded.empty:
-                raise ValueError(
-                    f"tokenize.max_length={cfg.max_length}: every {split} example is longer; raise it"
-                )
+                first = split_rejects[0]
+                raise DataError(f"every {split} example was rejected, e.g. {first['source_file']}:{first['source_line']}: {first['reason']}")
             encoded.to_parquet(out / f"{split}.parquet", index=False)
+        pd.DataFrame(rejected, columns=["source_file", "source_line", "reason", "split"]).to_parquet(
+            out / "rejected.parquet", index=False
+        )
         (out / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
         return {"train_examples": stats["train"]["examples"], "eval_examples": stats["eval"]["examples"]}
 

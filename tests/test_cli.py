@@ -24,7 +24,7 @@ def test_config_errors_exit_2_before_anything_runs(tmp_path):
 
 
 def test_a_failed_stage_exits_1_with_a_one_line_reason(workspace):
-    (workspace / "data/eval/heldout.jsonl").write_text("")
+    (workspace / "data/raw/broken.jsonl").write_text("{not json\n" * 20)  # 20 of 124 rows rejected: over 5%
     sets = [arg for item in workspace_overrides(workspace) for arg in ("--set", item)]
 
     result = _finetune("run", *sets)
@@ -33,5 +33,31 @@ def test_a_failed_stage_exits_1_with_a_one_line_reason(workspace):
     ours = [line for line in result.stderr.splitlines() if line.startswith("finetune: ")]
     assert len(ours) == 1
     assert ours[0].startswith("finetune: stage prepare failed: ")
-    assert "heldout.jsonl: no held-out rows" in ours[0]
+    assert "20 of 124 rows rejected, over data.max_reject_share=0.05" in ours[0]
+    assert "broken.jsonl:1 (malformed JSON" in ours[0]
     assert ours[0].endswith("run.json)")
+
+
+def test_missing_or_empty_inputs_are_config_errors(workspace):
+    (workspace / "data/eval/heldout.jsonl").write_text("")
+    sets = [arg for item in workspace_overrides(workspace) for arg in ("--set", item)]
+    result = _finetune("run", *sets)
+    assert result.returncode == 2
+    assert "paths.heldout_path:" in result.stderr and "is empty" in result.stderr
+
+    result = _finetune("validate", *sets, "--set", f"paths.raw_dir={workspace / 'nowhere'}")
+    assert result.returncode == 2
+    assert "paths.raw_dir:" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_validate_prints_the_data_report(workspace):
+    sets = [arg for item in workspace_overrides(workspace) for arg in ("--set", item)]
+    result = _finetune("validate", *sets)
+    assert result.returncode == 0, result.stderr
+    assert "Training rows: **104** from 5 file(s); evaluation rows: **25**; rejected: **0**" in result.stdout
+    assert "Traceback" not in result.stderr
+
+    (workspace / "data/raw/broken.jsonl").write_text("{not json\n" * 20)
+    result = _finetune("validate", *sets)
+    assert result.returncode == 1
+    assert result.stderr.startswith("finetune: data error: 20 of 124 rows rejected")

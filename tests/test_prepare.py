@@ -93,15 +93,16 @@ def test_too_many_rejects_fail_with_the_offending_lines(workspace):
 
 def test_missing_inputs_are_clear_errors(tmp_path):
     (tmp_path / "raw").mkdir()
-    with pytest.raises(DataError, match="no \\*.jsonl files"):
+    with pytest.raises(DataError, match="no data files"):
         prepare_dataset(tmp_path / "raw", tmp_path / "h.jsonl", DataConfig(), tmp_path / "out")
     shutil.copy(ROOT / "data/raw/education.jsonl", tmp_path / "raw")
     with pytest.raises(DataError, match="held-out file not found"):
         prepare_dataset(tmp_path / "raw", tmp_path / "h.jsonl", DataConfig(), tmp_path / "out")
     (tmp_path / "bad.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
     shutil.copy(tmp_path / "bad.jsonl", tmp_path / "raw")
-    with pytest.raises(DataError, match="bad.jsonl: not valid UTF-8"):
-        prepare_dataset(tmp_path / "raw", ROOT / "data/eval/heldout.jsonl", DataConfig(), tmp_path / "out")
+    out = prepare_dataset(tmp_path / "raw", ROOT / "data/eval/heldout.jsonl", DataConfig(), tmp_path / "out")
+    rejected = pd.read_parquet(out / "rejected.parquet")
+    assert rejected.reason.tolist() == ["not valid UTF-8 (byte 0xe9 at column 21)"]
 
 
 def test_key_changes_with_data_and_config_only(workspace):

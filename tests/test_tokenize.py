@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from finetune.config import DataConfig, LossOn, TokenizeConfig
+from finetune.config import DataConfig, LossOn, OverLength, TokenizeConfig
 from finetune.prepare import prepare_dataset
 from finetune.tokenization import IGNORE_INDEX, encode_example, load_tokenizer, tokenize_dataset, tokenize_key
 
@@ -36,11 +36,35 @@ def test_tokenize_stage_writes_splits_and_stats(workspace, tiny_model_dir):
     out = tokenize_dataset(prepared, tiny_model_dir, TokenizeConfig(max_length=80), workspace / "p")
 
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["train"]["examples"] + stats["train"]["dropped_over_max_length"] == 104
-    assert stats["train"]["dropped_over_max_length"] > 0  # some default examples exceed 80 tokens
+    assert stats["train"]["examples"] + stats["train"]["rejected"] == 104
+    assert stats["train"]["rejected"] > 0  # some default examples exceed 80 tokens
+    rejected = pd.read_parquet(out / "rejected.parquet")
+    assert len(rejected) == stats["train"]["rejected"] + stats["eval"]["rejected"]
+    first = rejected.iloc[0]
+    assert first.source_file.endswith(".jsonl") and first.source_line >= 1
+    assert "over tokenize.max_length=80" in first.reason
     train = pd.read_parquet(out / "train.parquet")
     assert train.input_ids.str.len().max() <= 80
     assert all(any(t != IGNORE_INDEX for t in labels) for labels in train.labels)
     assert tokenize_key(prepared, tiny_model_dir, TokenizeConfig(max_length=80)) != tokenize_key(
         prepared, tiny_model_dir, TokenizeConfig()
     )
+
+
+def test_truncate_keeps_the_prompt_and_cuts_the_response(workspace, tiny_model_dir):
+    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "p")
+
+    out = tokenize_dataset(prepared, tiny_model_dir, TokenizeConfig(max_length=40, overlength=OverLength.truncate), workspace / "p")
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["train"]["examples"] == 104 and stats["train"]["truncated"] > 0 and stats["train"]["rejected"] == 0
+    train = pd.read_parquet(out / "train.parquet")
+    assert train.input_ids.str.len().max() == 40
+    assert all(list(labels[:n]) == [IGNORE_INDEX] * n for labels, n in zip(train.labels, train.prompt_length))
+
+
+def test_eos_is_trained_even_when_pad_is_eos(tokenizer):
+    """SmolLM2 pads with its EOS; labels are built from the template, not by masking pad ids."""
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    example = encode_example(tokenizer, TokenizeConfig().template, "Q?", "A.", LossOn.response)
+    assert example["labels"][-1] == tokenizer.eos_token_id

@@ -1,0 +1,271 @@
+"""Reading instruction/response pairs from the formats people keep them in.
+
+Formats, by file suffix: JSON Lines (.jsonl), JSON arrays (.json), CSV (.csv), Parquet (.parquet) and
+the seed's text format (.txt: blocks of `### HUMAN:` then `### RESPONSE:`). Field layouts, decided
+from a file's first record (or its header) and then required of every row:
+
+| layout | fields |
+|---|---|
+| instruction/response | instruction, response |
+| prompt/completion | prompt, completion |
+| input/output | input, output |
+| alpaca | instruction, input (may be empty), output |
+| chat | messages: one user turn and one assistant turn (a system turn is allowed) |
+
+Every row keeps its file and line (the record's number for JSON arrays and Parquet). A row that
+cannot be used becomes a reject with a reason; a file that cannot be read at all is a DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+HUMAN, RESPONSE = "### HUMAN:", "### RESPONSE:"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file (and line) and what to fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    fields: tuple[str, ...]
+
+    def matches(self, keys: set[str]) -> bool:
+        return set(self.fields) <= keys
+
+
+# Most specific first: an alpaca record also has the fields of input/output.
+LAYOUTS = (
+    Layout("chat", ("messages",)),
+    Layout("alpaca", ("instruction", "input", "output")),
+    Layout("instruction/response", ("instruction", "response")),
+    Layout("prompt/completion", ("prompt", "completion")),
+    Layout("input/output", ("input", "output")),
+)
+UNDERSTOOD = "; ".join(f"{layout.name} ({', '.join(layout.fields)})" for layout in LAYOUTS)
+
+
+@dataclass
+class ReadResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, path: Path, line: int, reason: str) -> None:
+        self.rejects.append({"source_file": str(path), "source_line": line, "reason": reason})
+
+
+def _layout_for(path: Path, keys: set[str]) -> Layout:
+    for layout in LAYOUTS:
+        if layout.matches(keys):
+            return layout
+    raise DataError(f"{path}: unknown field layout; found fields {sorted(keys)}; understood layouts: {UNDERSTOOD}")
+
+
+def _text_problem(name: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        kind = "nothing" if value is None else type(value).__name__
+        return f"{name} must be text, got {kind}"
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t\r"), None)
+    if bad is not None:
+        return f"{name} contains the control character U+{ord(bad):04X}"
+    return None
+
+
+def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | None, str | None]:
+    """(row, None) or (None, reason) for one record of a known layout."""
+    if not layout.matches(set(record)):
+        return None, f"missing field(s) {sorted(set(layout.fields) - set(record))} of the {layout.name} layout"
+    if layout.name == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None, "messages must be a list of {role, content} objects"
+        roles = [m.get("role") for m in messages if m.get("role") != "system"]
+        if roles != ["user", "assistant"]:
+            users, assistants = roles.count("user"), roles.count("assistant")
+            return None, f"chat record has {users} user and {assistants} assistant turn(s); exactly one of each is supported"
+        instruction, response = (next(m.get("content") for m in messages if m.get("role") == r) for r in ("user", "assistant"))
+    elif layout.name == "alpaca":
+        extra = record["input"]
+        if extra is not None and not isinstance(extra, str):
+            return None, f"input must be text, got {type(extra).__name__}"
+        instruction = record["instruction"]
+        if isinstance(instruction, str) and extra and extra.strip():
+            instruction = f"{instruction}\n\n{extra}"
+        response = record["output"]
+    else:
+        instruction, response = (record[name] for name in layout.fields)
+    topic = record.get("topic")
+    for name, value in (("instruction", instruction), ("response", response)):
+        if problem := _text_problem(name, value):
+            return None, problem
+    if topic is not None and (problem := _text_problem("topic", topic)):
+        return None, problem
+    return {"instruction": instruction, "response": response, "topic": topic}, None
+
+
+def _add_records(path: Path, numbered: list[tuple[int, Any]], result: ReadResult) -> None:
+    """Records (line, parsed value) of one file: the first object decides the layout."""
+    layout = None
+    for line, record in numbered:
+        if not isinstance(record, dict):
+            result.reject(path, line, f"a JSON object is expected, got {type(record).__name__}")
+            continue
+        if layout is None:
+            layout = _layout_for(path, set(record))
+        row, reason = _to_pair(record, layout)
+        if row is None:
+            result.reject(path, line, reason)
+        else:
+            result.rows.append({**row, "source_file": str(path), "source_line": line})
+
+
+def _decode_lines(path: Path, data: bytes, result: ReadResult) -> list[tuple[int, str]]:
+    """UTF-8 lines without BOM or CR; a line that is not UTF-8 is rejected on its own."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as error:
+            result.reject(path, number, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
+            continue
+        lines.append((number, text))
+    return lines
+
+
+def _read_jsonl(path: Path, data: bytes, result: ReadResult) -> None:
+    numbered = []
+    for number, text in _decode_lines(path, data, result):
+        if not text.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(text)))
+        except json.JSONDecodeError as error:
+            result.reject(path, number, f"malformed JSON: {error.msg} at column {error.colno}")
+        except RecursionError:
+            result.reject(path, number, "malformed JSON: nested too deeply")
+    _add_records(path, numbered, result)
+
+
+def _read_json(path: Path, data: bytes, result: ReadResult) -> None:
+    try:
+        parsed = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 at byte {error.start}; save it as UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        where = f" line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise DataError(f"{path}:{where}: not valid JSON; a .json file must hold one array of records") from None
+    if not isinstance(parsed, list):
+        raise DataError(f"{path}: a .json file must hold an array of records, found {type(parsed).__name__}")
+    _add_records(path, list(enumerate(parsed, start=1)), result)
+
+
+def _read_csv(path: Path, data: bytes, result: ReadResult) -> None:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 at byte {error.start}; save it as UTF-8") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: contains NUL bytes; it is not a text CSV file")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = set(reader.fieldnames or [])
+    layout = _layout_for(path, header)
+    if layout.name == "chat":
+        raise DataError(f"{path}: the chat layout needs JSON or JSONL, not CSV")
+    try:
+        for record in reader:
+            line = reader.line_num
+            if None in record:  # more cells than header columns
+                result.reject(path, line, f"{len(record[None])} cell(s) beyond the {len(header)} header columns")
+                continue
+            if any(record.get(name) is None for name in layout.fields):
+                result.reject(path, line, "fewer cells than header columns")
+                continue
+            row, reason = _to_pair(record, layout)
+            if row is not None and row["topic"] == "":
+                row["topic"] = None
+            if row is None:
+                result.reject(path, line, reason)
+            else:
+                result.rows.append({**row, "source_file": str(path), "source_line": line})
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
+
+
+def _read_parquet(path: Path, result: ReadResult) -> None:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
+    _layout_for(path, set(frame.columns))
+    records = [{k: (None if _is_missing(v) else v) for k, v in record.items()} for record in frame.to_dict("records")]
+    _add_records(path, list(enumerate(records, start=1)), result)
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return value is None or (isinstance(value, float) and value != value)
+    except TypeError:
+        return False
+
+
+def _read_seed_text(path: Path, data: bytes, result: ReadResult) -> None:
+    """Blocks of `### HUMAN:` then `### RESPONSE:`, as the seed's dataset was written."""
+    lines = _decode_lines(path, data, result)
+    blocks: list[tuple[int, list[str]]] = []
+    for number, text in lines:
+        if text.strip() == HUMAN or text.startswith(HUMAN + " "):
+            blocks.append((number, [text]))
+        elif blocks:
+            blocks[-1][1].append(text)
+        elif text.strip():
+            result.reject(path, number, f"text before the first {HUMAN} line")
+    if not blocks:
+        raise DataError(f"{path}: no '{HUMAN}' blocks; a .txt file holds {HUMAN} / {RESPONSE} pairs")
+    for number, block in blocks:
+        body = "\n".join(block)[len(HUMAN):]
+        if body.count(RESPONSE) != 1:
+            result.reject(path, number, f"a block needs exactly one {RESPONSE} line, found {body.count(RESPONSE)}")
+            continue
+        instruction, response = (part.strip() for part in body.split(RESPONSE))
+        row, reason = _to_pair({"instruction": instruction, "response": response}, LAYOUTS[2])
+        if row is None:
+            result.reject(path, number, reason)
+        else:
+            result.rows.append({**row, "source_file": str(path), "source_line": number})
+
+
+def read_pairs(path: Path) -> ReadResult:
+    """Rows and rejects of one data file; a DataError if the file as a whole cannot be used."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    result = ReadResult()
+    if path.suffix == ".parquet":
+        _read_parquet(path, result)
+        return result
+    data = path.read_bytes()
+    if not data.strip(b" \t\r\n\xef\xbb\xbf"):
+        raise DataError(f"{path}: the file is empty; add pairs or remove it")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_seed_text}
+    readers[path.suffix](path, data, result)
+    return result
+
+
+def data_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix in SUFFIXES) if Path(directory).is_dir() else []
+    if not files:
+        raise DataError(f"{directory}: no data files ({', '.join('*' + s for s in SUFFIXES)}); put instruction/response pairs there")
+    return files
