@@ -189,6 +189,7 @@ def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Pa
             for r in train[leaked & ~duplicated].itertuples()
         ]
         train = train[~duplicated & ~leaked].reset_index(drop=True)
+        rejected.sort(key=lambda r: (r["source_file"], r["source_line"]))
         total = len(train) + len(rejected) + int(duplicated.sum())
         listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
         if total and len(rejected) / total > cfg.max_reject_share:

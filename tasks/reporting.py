@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -23,6 +24,14 @@ def publish_reports(record: dict[str, Any]) -> None:
     create_markdown_artifact(run_card(record), key="run-card", description=f"Run card of {record['run_name']}")
     if "prepare" in outputs and (text := _read(outputs["prepare"] / "report.md")):
         create_markdown_artifact(text, key="data-report", description="Rows per topic and split, lengths, rejects")
+    rejected = [
+        {"stage": stage, **row}
+        for stage in ("prepare", "tokenize")
+        if stage in outputs and (outputs[stage] / "rejected.parquet").is_file()
+        for row in pd.read_parquet(outputs[stage] / "rejected.parquet").astype(str).to_dict("records")
+    ]
+    if rejected:
+        create_table_artifact(rejected, key="rejected-rows", description="Rows left out, with file, line and reason")
     if "train" in outputs and (text := _read(outputs["train"] / "log_history.json")):
         rows = [
             {"step": entry["step"], "loss": round(entry["loss"], 4), "learning_rate": entry.get("learning_rate"),

@@ -80,6 +80,19 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert third["metrics"]["trainable_params"] == 2 * first["metrics"]["trainable_params"]
 
 
+def test_rejected_rows_are_a_table_artifact(prefect_server, tiny_overrides, workspace):
+    from flows.finetune import finetune
+
+    (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
+
+    record = finetune(TINY, tiny_overrides())
+
+    table = json.loads(_artifacts(record["flow_run_id"])["rejected-rows"].data)
+    assert [(row["stage"], row["source_line"]) for row in table] == [("prepare", "1")]
+    assert table[0]["source_file"].endswith("extra.jsonl")
+    assert table[0]["reason"].startswith("instruction is empty after trimming whitespace")
+
+
 def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_overrides, workspace):
     from flows.finetune import StageFailed, finetune
 
