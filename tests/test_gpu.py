@@ -34,3 +34,35 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
     assert summary["train_steps"] == 13
     evaluation = evaluate_adapter(adapter, tiny_model_dir, prepared, tokenized, config.quant, config.tokenize, config.eval, root)
     assert json.loads((evaluation / "metrics.json").read_text())["tuned"]["loss"] > 0
+
+
+def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_dir):
+    """The allocator is capped at 0.25 GB so that micro-batches of 64 do not fit: each attempt that runs
+    out of memory notes a halved micro-batch, and the next attempt (a Prefect retry in a run) fits."""
+    from finetune.config import load_config
+    from finetune.prepare import prepare_dataset
+    from finetune.tokenization import tokenize_dataset
+    from finetune.train import TrainingOutOfMemory, train_adapter
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["train.batch_size=64", "train.grad_accum=1", "train.epochs=1"])
+    root = workspace / "out"
+    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", config.data, root)
+    tokenized = tokenize_dataset(prepared, tiny_model_dir, config.tokenize, root)
+    torch.cuda.set_per_process_memory_fraction(0.25e9 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        failures = 0
+        for _ in range(6):
+            try:
+                adapter = train_adapter(tokenized, tiny_model_dir, config.quant, config.lora, config.train, root)
+                break
+            except TrainingOutOfMemory:
+                failures += 1
+        else:
+            pytest.fail("never fitted")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    summary = json.loads((adapter / "summary.json").read_text())
+    assert failures >= 1 and len(summary["micro_batch_adjustments"]) == failures
+    batch, accum = summary["micro_batch"]
+    assert batch < 64 and batch * accum == 64
