@@ -102,7 +102,7 @@ def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_over
         finetune(TINY, tiny_overrides())
 
     assert failure.value.stage == "prepare"
-    assert "no held-out rows" in failure.value.reason
+    assert failure.value.reason.endswith("heldout.jsonl: the file is empty; add pairs or remove it")
     record = json.loads((failure.value.run_dir / "run.json").read_text())
     assert record["status"] == "failed"
     assert record["stages"]["prepare"]["state"] == "failed"
