@@ -6,7 +6,6 @@ misspelled knob fails at load time instead of being silently ignored.
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -248,11 +247,6 @@ def check_inputs(config: FinetuneConfig) -> None:
         raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
     if not heldout.read_bytes().strip():
         raise ConfigError(f"paths.heldout_path: {heldout} is empty; evaluation needs at least one pair")
-
-
-def section_json(section: BaseModel) -> str:
-    """Canonical JSON of a config section, the form that goes into stage keys."""
-    return json.dumps(section.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
 def dump_config(config: FinetuneConfig) -> str:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from finetune.config import DataConfig
 from finetune.prepare import load_rows, prepare_dataset
-from finetune.readers import DataError, data_files, read_pairs
+from finetune.readers import DataError, data_files
 from tests.conftest import ROOT
 
 TOPICS = ["science_technology", "health_wellness", "business_finance", "environment", "education"]

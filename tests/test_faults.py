@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -218,7 +217,6 @@ def test_out_of_memory_retry_halves_the_micro_batch(run_flow, monkeypatch):
 
 
 def test_nan_loss_fails_at_once_naming_the_step(run_flow, monkeypatch):
-    import torch
     import transformers
 
     from flows.finetune import StageFailed
