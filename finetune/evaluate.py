@@ -16,7 +16,7 @@ import pandas as pd
 
 from finetune.config import EvalConfig, QuantConfig, TokenizeConfig
 from finetune.outputs import build_output, stage_key
-from finetune.tokenization import IGNORE_INDEX, format_prompt
+from finetune.tokenization import IGNORE_INDEX, format_prompt, load_tokenizer
 
 STAGE = "evaluate"
 MODULES = [__name__, "finetune.modeling"]
@@ -112,13 +112,10 @@ def evaluate_adapter(
 
     def build(out: Path) -> dict:
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         from finetune.modeling import load_base
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(Path(model_dir))
         eval_rows = pd.read_parquet(Path(prepared_dir) / "eval.parquet")
         eval_tokens = pd.read_parquet(Path(tokenized_dir) / "eval.parquet")
         prompts = [format_prompt(tokenize.template, text) for text in eval_rows.instruction]

@@ -20,7 +20,7 @@ import pandas as pd
 
 from finetune.config import MergeConfig, TokenizeConfig
 from finetune.outputs import build_output, stage_key
-from finetune.tokenization import format_prompt
+from finetune.tokenization import format_prompt, load_tokenizer
 
 STAGE = "merge"
 MODULES = [__name__, "finetune.modeling"]
@@ -80,13 +80,11 @@ def merge_adapter(
 
     def build(out: Path) -> dict:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from finetune.modeling import DTYPES, device_name, greedy_generate
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(Path(model_dir))
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype.value]).to(device_name())
         model = PeftModel.from_pretrained(base, Path(adapter_dir) / "adapter")
         instructions = pd.read_parquet(Path(prepared_dir) / "eval.parquet").instruction

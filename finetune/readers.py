@@ -215,10 +215,7 @@ def _read_parquet(path: Path, result: ReadResult) -> None:
 
 
 def _is_missing(value: Any) -> bool:
-    try:
-        return value is None or (isinstance(value, float) and value != value)
-    except TypeError:
-        return False
+    return value is None or (isinstance(value, float) and value != value)  # NaN: an empty Parquet cell
 
 
 def _read_seed_text(path: Path, data: bytes, result: ReadResult) -> None:

@@ -66,6 +66,7 @@ class RunRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
+    environment: dict[str, Any] = field(default_factory=lambda: {"versions": versions(), "hardware": hardware()})
 
     @classmethod
     def begin(cls, config: FinetuneConfig, config_path: str | None, run_name: str, flow_run_id: str) -> RunRecord:
@@ -130,8 +131,7 @@ class RunRecord:
             "seconds": round(time.monotonic() - self.started, 2),
             "stages": self.stages,
             "metrics": self.metrics(),
-            "versions": versions(),
-            "hardware": hardware(),
+            **self.environment,
         }
 
     def save(self) -> None:

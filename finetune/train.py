@@ -134,19 +134,18 @@ def train_adapter(
         from datasets import Dataset
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
+        from transformers import PrinterCallback, TrainerCallback, set_seed
         from trl import SFTConfig, SFTTrainer
 
         from finetune.modeling import device_name, load_base, pick_compute_dtype
+        from finetune.tokenization import load_tokenizer
 
         started = time.monotonic()
         compute_dtype = pick_compute_dtype(quant.compute_dtype)
         batch_size, grad_accum, adjustments = micro_batch(work_dir, train)
         if adjustments:
             logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", batch_size, grad_accum)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(Path(model_dir))
         dataset = Dataset.from_parquet(str(Path(tokenized_dir) / "train.parquet")).select_columns(["input_ids", "labels"])
 
         model = load_base(Path(model_dir), quant)
