@@ -52,10 +52,10 @@ def main() -> None:
     import torch
 
     from finetune.config import ModelConfig, load_config
-    from finetune.prepare import prepare_dataset
-    from finetune.resolve import resolve_model
-    from finetune.tokenization import tokenize_dataset
-    from finetune.train import train_adapter
+    from finetune.prepare import PrepareInputs, prepare_dataset
+    from finetune.resolve import ResolveInputs, resolve_model
+    from finetune.tokenization import TokenizeInputs, tokenize_dataset
+    from finetune.train import TrainInputs, train_adapter
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "default.yaml", args.overrides)
@@ -63,11 +63,16 @@ def main() -> None:
     started = time.monotonic()
     build_model(model_dir, args.tokenizer)
     built = time.monotonic() - started
-    model_dir = resolve_model(ModelConfig(base=str(model_dir)), args.work)  # hashed once, linked
-    prepared = prepare_dataset(root / "data/raw", root / "data/eval/heldout.jsonl", config.data, args.work)
-    tokenized = tokenize_dataset(prepared, model_dir, config.tokenize, args.work)
-    adapter = train_adapter(tokenized, model_dir, config.quant, config.lora, config.train, args.work / "runs" / str(time.time_ns()))
-    summary = json.loads((adapter / "summary.json").read_text())
+    model_dir = resolve_model(ResolveInputs.of(ModelConfig(base=str(model_dir))), args.work)  # hashed once, linked
+    prepared_dir = prepare_dataset(PrepareInputs(
+        raw_dir=root / "data/raw", heldout_path=root / "data/eval/heldout.jsonl", data=config.data,
+        template=config.tokenize.template,
+    ), args.work)  # fmt: skip
+    tokenized_dir = tokenize_dataset(TokenizeInputs(prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize), args.work)
+    train_dir = train_adapter(TrainInputs(
+        tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train,
+    ), args.work / "runs" / str(time.time_ns()))  # fmt: skip
+    summary = json.loads((train_dir / "summary.json").read_text())
     summary.update(gpu=torch.cuda.get_device_name(0), model_build_seconds=round(built, 1), overrides=args.overrides)
     print(json.dumps(summary))
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.config import ConfigError, check_inputs, load_config
+from finetune.config import ConfigError, check_hardware, check_inputs, load_config
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -44,11 +44,12 @@ def _summary(record: dict) -> str:
 
 def _validate(config) -> int:
     """The data contract alone (no model, no Prefect): the prepare stage, cached by its key like in a run."""
-    from finetune.prepare import DataError, prepare_dataset
+    from finetune.prepare import DataError, PrepareInputs, prepare_dataset
 
     paths = config.paths
+    inputs = PrepareInputs(raw_dir=paths.raw_dir, heldout_path=paths.heldout_path, data=config.data, template=config.tokenize.template)
     try:
-        prepared = prepare_dataset(paths.raw_dir, paths.heldout_path, config.data, paths.processed_dir)
+        prepared = prepare_dataset(inputs, paths.processed_dir)
     except DataError as error:
         print(f"finetune: data error: {error}", file=sys.stderr)
         return 1
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
         check_inputs(config)
+        if args.command == "run":
+            check_hardware(config)  # imports torch; validate needs no model
     except ConfigError as error:
         print(f"finetune: config error:\n{error}", file=sys.stderr)
         return 2

@@ -1,21 +1,57 @@
 """The one typed config of the pipeline: a section per stage, loaded from YAML with dotted overrides.
 
-Every field says what it does and what it trades. Unknown keys are errors (`extra="forbid"`), so a
-misspelled knob fails at load time instead of being silently ignored.
+Every field says what it does and what it trades. Unknown keys are errors (`extra="forbid"`) and
+closed choices are Literals or StrEnums, so a misspelled knob or value fails at load time, naming the
+key and the allowed values, instead of being silently ignored or failing deep inside a stage.
+transformers and torch are never imported at module level: the CLI loads the config before them.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import PermanentError
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A config file or override that cannot be used; the message names the key and what to do."""
+
+
+# transformers OptimizerNames values that suit adapter training; tests/test_config.py checks each
+# against transformers. Left out: optimizers that need extra packages (torchao, galore, apollo),
+# extra arguments (lomo) or other accelerators (xla, npu).
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "adafactor",
+    "sgd",
+    "lion_32bit",
+    "lion_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+]
+
+# bitsandbytes optimizers that exist to save GPU memory, so a CPU run gets less than the name says:
+# paging is CUDA unified memory (bitsandbytes 0.50 on a CPU silently runs unpaged), and its 8-bit
+# AdamW step took ~4x adamw_torch's time on a CPU. lion_32bit is plain Lion and runs fine there.
+CUDA_OPTIMIZERS = frozenset(
+    {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit"}
+    | {"lion_8bit", "paged_lion_32bit", "paged_lion_8bit"}
+)
+
+# transformers SchedulerType values that take no scheduler_specific_kwargs.
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
 
 
 class Section(BaseModel):
@@ -64,16 +100,30 @@ class PathsConfig(Section):
 
 class DataConfig(Section):
     topics: list[str] | None = Field(
-        None, description="Allowed topics; rows with another topic are rejected. None accepts any topic."
+        None,
+        description="Allowed topics; rows with another topic (or none) are rejected. None accepts any topic, "
+        "so data without a topic column works; a list catches mislabelled rows.",
     )
-    min_chars: int = Field(1, ge=1, description="Shortest instruction or response kept, in characters after trim.")
+    min_chars: int = Field(
+        1, ge=1, description="Shortest instruction or response kept, in characters after trim; higher drops stubs."
+    )
     max_chars: int = Field(
         4000, ge=1, description="Longest instruction or response kept, in characters; longer rows are rejected."
     )
     max_reject_share: float = Field(
-        0.05, ge=0, le=1, description="Fail the run if more than this share of rows is rejected."
+        0.05, ge=0, le=1, description="Fail the run if more than this share of rows is rejected: higher tolerates "
+        "dirtier data, lower catches a wrong file or format sooner.",
     )
     min_rows: int = Field(16, ge=1, description="Fail the run if fewer training rows than this remain.")
+
+    @model_validator(mode="after")
+    def _chars_in_order(self) -> DataConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(
+                f"data.min_chars={self.min_chars} exceeds data.max_chars={self.max_chars}, which would reject "
+                "every row; lower data.min_chars or raise data.max_chars"
+            )
+        return self
 
 
 class TokenizeConfig(Section):
@@ -81,7 +131,9 @@ class TokenizeConfig(Section):
         "### HUMAN:\n{instruction}\n\n### RESPONSE:\n",
         description="Prompt template; the response and the tokenizer's EOS follow it. Must contain {instruction}.",
     )
-    max_length: int = Field(512, ge=8, description="Longest example in tokens; memory grows with it.")
+    max_length: int = Field(
+        512, ge=8, description="Longest example in tokens; memory grows with it, shorter drops or cuts more examples."
+    )
     overlength: OverLength = Field(
         OverLength.reject, description="reject: drop longer examples, listed by file:line; truncate: cut their response."
     )
@@ -110,43 +162,63 @@ class ModelConfig(Section):
 
 class QuantConfig(Section):
     load_in_4bit: bool = Field(True, description="QLoRA: keep the frozen base in 4 bits. False trains plain LoRA.")
-    quant_type: str = Field("nf4", description="nf4 (QLoRA paper, best for normally distributed weights) or fp4.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bit/param saved.")
-    compute_dtype: ComputeDtype = Field(
-        ComputeDtype.auto, description="Dtype of the matmuls on dequantized weights; auto picks from the hardware."
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4",
+        description="nf4 (QLoRA paper): levels placed for normally distributed weights, lower error; "
+        "fp4: plain 4-bit float, same memory, usually a little worse.",
     )
-
-    @field_validator("quant_type")
-    @classmethod
-    def _known_quant(cls, value: str) -> str:
-        if value not in ("nf4", "fp4"):
-            raise ValueError("must be nf4 or fp4")
-        return value
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too: ~0.4 bit/param saved for a little compute."
+    )
+    compute_dtype: ComputeDtype = Field(
+        ComputeDtype.auto,
+        description="Dtype of the matmuls on dequantized weights: bf16 is fast and range-safe but needs Ampere+ "
+        "on GPUs, fp16 can overflow, fp32 is exact and slowest; auto picks from the hardware.",
+    )
 
 
 class LoraConfig(Section):
     r: int = Field(8, ge=1, description="Adapter rank: higher fits more, costs memory and overfits small data.")
-    alpha: int = Field(32, ge=1, description="Scale of the update is alpha / r.")
+    alpha: int = Field(
+        32, ge=1, description="Scale of the update is alpha / r: larger learns faster, like a higher learning rate."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input; regularizes small data.")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Linear layers that get adapters; adding the MLP (gate/up/down_proj) fits more, costs more.",
     )
-    bias: str = Field("none", description="none, all or lora_only: which biases are trained.")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Biases trained besides the adapters: none (QLoRA) keeps the base exact when the adapter is "
+        "off; all or lora_only fit slightly more, but the adapter then also changes the base's biases.",
+    )
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training split.")
+    epochs: float = Field(3, gt=0, description="Passes over the training split: more fits closer, and overfits sooner.")
     batch_size: int = Field(1, ge=1, description="Examples per micro-batch; memory grows with it.")
     grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step; effective batch = product.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapters.")
-    lr_scheduler: str = Field("constant_with_warmup", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate of the adapters: higher learns faster, too high diverges (NaN loss)."
+    )
+    lr_scheduler: Scheduler = Field(
+        "constant_with_warmup",
+        description="Learning rate after warmup: constant_with_warmup (the seed's) keeps the peak, linear/cosine/"
+        "polynomial decay it for a steadier end, inverse_sqrt decays slowly; constant has no warmup.",
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Share of the steps spent warming up: steadier start, fewer steps at the peak."
+    )
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping; QLoRA's 0.3 keeps 4-bit training stable.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
-    optim: str = Field(
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay on the adapters: regularizes, and shrinks what they learn."
+    )
+    optim: Optimizer = Field(
         "adamw_torch",
-        description="transformers optimizer name; paged_adamw_32bit (the seed's) needs CUDA.",
+        description="transformers optimizer: adamw_torch runs anywhere; adamw_torch_fused is faster; *_8bit keep "
+        "the state in 8 bits (~75% less memory); paged_* (the seed's paged_adamw_32bit) page it to CPU on memory "
+        "spikes, and both need CUDA; adafactor and sgd keep less state but need "
+        "more tuning; lion keeps one state and wants a ~3-10x lower learning rate.",
     )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: less memory, about 30% slower."
@@ -158,7 +230,17 @@ class TrainConfig(Section):
     save_total_limit: int = Field(
         3, ge=2, description="Checkpoints kept, older ones deleted; at least 2, so a damaged newest has a fallback."
     )
-    seed: int = Field(42, description="Seeds data order, dropout and adapter init.")
+    seed: int = Field(42, description="Seeds data order, dropout and adapter init; change it to measure run-to-run noise.")
+
+    @model_validator(mode="after")
+    def _warmup_is_used(self) -> TrainConfig:
+        # transformers' get_scheduler drops num_warmup_steps for "constant" without a word.
+        if self.lr_scheduler == "constant" and self.warmup_ratio > 0:
+            raise ValueError(
+                f"train.warmup_ratio={self.warmup_ratio} is ignored by train.lr_scheduler=constant; "
+                "use constant_with_warmup, or set train.warmup_ratio=0"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -170,10 +252,13 @@ class EvalConfig(Section):
 
 class MergeConfig(Section):
     dtype: HalfDtype = Field(
-        HalfDtype.bfloat16, description="Precision the base is loaded in and the merged model saved in."
+        HalfDtype.bfloat16,
+        description="Precision the base is loaded in and the merged model saved in: bfloat16 and float16 halve "
+        "the size of float32; bfloat16 keeps float32's range but needs Ampere+ on GPUs, float16 can overflow.",
     )
     parity_max_new_tokens: int = Field(
-        32, ge=1, description="Tokens compared greedily between merged and base+adapter on the eval prompts."
+        32, ge=1, description="Tokens compared greedily between merged and base+adapter on the eval prompts: "
+        "more catches later drift, costs generation time.",
     )
 
 
@@ -251,3 +336,39 @@ def check_inputs(config: FinetuneConfig) -> None:
 
 def dump_config(config: FinetuneConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def hardware_problems(config: FinetuneConfig, cuda: bool, bf16: bool) -> list[str]:
+    """What `config` asks of a machine that lacks it, one message per key; pure, so tests can pose any machine.
+
+    `cuda`: a CUDA GPU is usable. `bf16`: that GPU has native bfloat16 (Ampere or newer); ignored without CUDA,
+    since CPUs run bf16 (and `auto` picks it there).
+    """
+    problems = []
+    if not cuda and config.train.optim in CUDA_OPTIMIZERS:
+        problems.append(
+            f"train.optim={config.train.optim} needs a CUDA GPU (its paging or 8-bit state saves GPU memory, "
+            "a CPU gets only the slowdown); use adamw_torch on this machine"
+        )
+    if cuda and not bf16:
+        if config.quant.compute_dtype == ComputeDtype.bfloat16:
+            problems.append(
+                "quant.compute_dtype=bfloat16 needs a GPU with bf16 (Ampere or newer); use float16 on this GPU"
+            )
+        if config.merge.dtype == HalfDtype.bfloat16:
+            problems.append(
+                "merge.dtype=bfloat16 needs a GPU with bf16 (Ampere or newer); use float16 (or float32 if it overflows)"
+            )
+    return problems
+
+
+def check_hardware(config: FinetuneConfig) -> None:
+    """Raise ConfigError listing every hardware problem of `config` on this machine; imports torch."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    problems = hardware_problems(config, cuda=cuda, bf16=bf16)
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -3,33 +3,33 @@
 The tuned model is the base with the adapter; the base is the same model inside
 `disable_adapter()`, so both sides share the 4-bit weights, dtype and batching exactly.
 Metrics: loss and perplexity on response tokens, and format adherence of greedy answers (the answer
-ends with EOS before `eval.max_new_tokens` and does not open a new `### HUMAN:` turn).
+ends with EOS before `eval.max_new_tokens` and does not open a new turn of `tokenize.template`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from finetune.config import EvalConfig, QuantConfig, TokenizeConfig
-from finetune.outputs import build_output, stage_key
-from finetune.tokenization import IGNORE_INDEX, format_prompt, load_tokenizer
-
-STAGE = "evaluate"
-MODULES = [__name__, "finetune.modeling"]
-NEW_TURN_MARKER = "### HUMAN:"
+from finetune.stage import Hooks, Stage
+from finetune.template import PromptFormat
+from finetune.tokenization import IGNORE_INDEX, load_tokenizer
 
 
-def evaluate_key(
-    adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenized_dir: Path,
-    quant: QuantConfig, tokenize: TokenizeConfig, cfg: EvalConfig,
-) -> str:  # fmt: skip
-    return stage_key(
-        STAGE, MODULES, [quant, tokenize, cfg], [Path(adapter_dir), Path(model_dir), Path(prepared_dir), Path(tokenized_dir)]
-    )
+@dataclass(frozen=True, kw_only=True)
+class EvaluateInputs:
+    train_dir: Path  # output of train: adapter/
+    model_dir: Path  # output of resolve_model
+    prepared_dir: Path  # output of prepare: the held-out instructions and references
+    tokenized_dir: Path  # output of tokenize: the held-out token ids and labels
+    quant: QuantConfig
+    tokenize: TokenizeConfig
+    eval: EvalConfig
 
 
 def response_loss(model, examples: pd.DataFrame, pad_token_id: int, batch_size: int) -> float:
@@ -60,17 +60,21 @@ def response_loss(model, examples: pd.DataFrame, pad_token_id: int, batch_size: 
     return total_loss / total_tokens
 
 
-def follows_format(new_ids: list[int], text: str, eos_token_id: int) -> bool:
-    return bool(new_ids) and new_ids[-1] == eos_token_id and NEW_TURN_MARKER not in text
+def follows_format(new_ids: list[int], tokenizer, prompt: PromptFormat) -> bool:
+    """The answer ended with EOS and did not write the template's turn opener (special tokens count)."""
+    if not new_ids or new_ids[-1] != tokenizer.eos_token_id:
+        return False
+    return prompt.turn_start is None or prompt.turn_start not in tokenizer.decode(new_ids, skip_special_tokens=False)
 
 
-def _side(model, tokenizer, eval_tokens: pd.DataFrame, prompts: list[str], cfg: EvalConfig) -> tuple[dict, list[str]]:
+def _side(model, tokenizer, eval_tokens: pd.DataFrame, prompt: PromptFormat, instructions: list[str], cfg: EvalConfig) -> tuple[dict, list[str]]:
     from finetune.modeling import greedy_generate
 
     loss = response_loss(model, eval_tokens, tokenizer.pad_token_id, cfg.batch_size)
+    prompts = [prompt.prompt(text) for text in instructions]
     generated = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
-    adherent = [follows_format(ids, text, tokenizer.eos_token_id) for ids, text in zip(generated, texts)]
+    adherent = [follows_format(ids, tokenizer, prompt) for ids in generated]
     metrics = {
         "loss": round(loss, 4),
         "perplexity": round(math.exp(loss), 3),
@@ -97,42 +101,32 @@ def _report_markdown(metrics: dict, samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_adapter(
-    adapter_dir: Path,
-    model_dir: Path,
-    prepared_dir: Path,
-    tokenized_dir: Path,
-    quant: QuantConfig,
-    tokenize: TokenizeConfig,
-    cfg: EvalConfig,
-    root: Path,
-) -> Path:
+def _evaluate(inputs: EvaluateInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Write metrics.json (base, tuned), samples.jsonl and report.md."""
-    key = evaluate_key(adapter_dir, model_dir, prepared_dir, tokenized_dir, quant, tokenize, cfg)
+    from peft import PeftModel
 
-    def build(out: Path) -> dict:
-        from peft import PeftModel
+    from finetune.modeling import load_base
 
-        from finetune.modeling import load_base
+    tokenizer = load_tokenizer(Path(inputs.model_dir))
+    eval_rows = pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet")
+    eval_tokens = pd.read_parquet(Path(inputs.tokenized_dir) / "eval.parquet")
+    prompt, instructions = PromptFormat(inputs.tokenize.template), list(eval_rows.instruction)
 
-        tokenizer = load_tokenizer(Path(model_dir))
-        eval_rows = pd.read_parquet(Path(prepared_dir) / "eval.parquet")
-        eval_tokens = pd.read_parquet(Path(tokenized_dir) / "eval.parquet")
-        prompts = [format_prompt(tokenize.template, text) for text in eval_rows.instruction]
+    model = PeftModel.from_pretrained(load_base(Path(inputs.model_dir), inputs.quant), Path(inputs.train_dir) / "adapter")
+    tuned, tuned_texts = _side(model, tokenizer, eval_tokens, prompt, instructions, inputs.eval)
+    with model.disable_adapter():
+        base, base_texts = _side(model, tokenizer, eval_tokens, prompt, instructions, inputs.eval)
 
-        model = PeftModel.from_pretrained(load_base(Path(model_dir), quant), Path(adapter_dir) / "adapter")
-        tuned, tuned_texts = _side(model, tokenizer, eval_tokens, prompts, cfg)
-        with model.disable_adapter():
-            base, base_texts = _side(model, tokenizer, eval_tokens, prompts, cfg)
+    metrics = {"examples": len(instructions), "max_new_tokens": inputs.eval.max_new_tokens, "base": base, "tuned": tuned}
+    samples = [
+        {"instruction": ins, "reference": ref, "base": b, "tuned": t}
+        for ins, ref, b, t in zip(eval_rows.instruction, eval_rows.response, base_texts, tuned_texts)
+    ]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    (out / "report.md").write_text(_report_markdown(metrics, samples), encoding="utf-8")
+    hooks.logger.info("held-out loss %s -> %s", base["loss"], tuned["loss"])
+    return {"eval_loss_base": base["loss"], "eval_loss_tuned": tuned["loss"]}
 
-        metrics = {"examples": len(prompts), "max_new_tokens": cfg.max_new_tokens, "base": base, "tuned": tuned}
-        samples = [
-            {"instruction": ins, "reference": ref, "base": b, "tuned": t}
-            for ins, ref, b, t in zip(eval_rows.instruction, eval_rows.response, base_texts, tuned_texts)
-        ]
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
-        (out / "report.md").write_text(_report_markdown(metrics, samples), encoding="utf-8")
-        return {"eval_loss_base": base["loss"], "eval_loss_tuned": tuned["loss"]}
 
-    return build_output(root, STAGE, key, build)
+evaluate_adapter = Stage("evaluate", EvaluateInputs, _evaluate, __name__)

@@ -14,27 +14,33 @@ anything else (a wrong scale, an adapter not merged) fails the stage before the 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from finetune.config import MergeConfig, TokenizeConfig
-from finetune.outputs import build_output, stage_key
-from finetune.tokenization import format_prompt, load_tokenizer
+from finetune.errors import PermanentError
+from finetune.stage import Hooks, Stage
+from finetune.template import PromptFormat
+from finetune.tokenization import load_tokenizer
 
-STAGE = "merge"
-MODULES = [__name__, "finetune.modeling"]
 # Logit margin under which a top-1 disagreement is rounding, per dtype: about twice the largest tie
 # flipped on the default run (bf16 0.25, fp16 0.016), and a fp32 floor.
 TIE_MARGIN = {"bfloat16": 0.5, "float16": 0.05, "float32": 0.01}
 
 
-class MergeParityError(RuntimeError):
+class MergeParityError(PermanentError, RuntimeError):
     """The merged model does not reproduce base+adapter; the merged output is not written."""
 
 
-def merge_key(adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenize: TokenizeConfig, cfg: MergeConfig) -> str:
-    return stage_key(STAGE, MODULES, [tokenize, cfg], [Path(adapter_dir), Path(model_dir), Path(prepared_dir)])
+@dataclass(frozen=True, kw_only=True)
+class MergeInputs:
+    train_dir: Path  # output of train: adapter/
+    model_dir: Path  # output of resolve_model: the base, loaded in merge.dtype (never 4-bit)
+    prepared_dir: Path  # output of prepare: held-out prompts for the parity check
+    tokenize: TokenizeConfig
+    merge: MergeConfig
 
 
 def continuation_logits(model, tokenizer, prompts: list[str], continuations: list[list[int]]) -> list:
@@ -73,44 +79,43 @@ def compare_logits(reference: list, merged: list, tie_margin: float) -> dict:
     }
 
 
-def merge_adapter(
-    adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenize: TokenizeConfig, cfg: MergeConfig, root: Path
-) -> Path:
+def _merge(inputs: MergeInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Write model/ (merged weights + tokenizer, loadable with AutoModelForCausalLM) and parity.json."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    def build(out: Path) -> dict:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    from finetune.modeling import DTYPES, device_name, greedy_generate
 
-        from finetune.modeling import DTYPES, device_name, greedy_generate
+    cfg = inputs.merge
+    tokenizer = load_tokenizer(Path(inputs.model_dir))
+    base = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype=DTYPES[cfg.dtype.value]).to(device_name())
+    model = PeftModel.from_pretrained(base, Path(inputs.train_dir) / "adapter")
+    prompt = PromptFormat(inputs.tokenize.template)
+    prompts = [prompt.prompt(text) for text in pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet").instruction]
 
-        tokenizer = load_tokenizer(Path(model_dir))
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype.value]).to(device_name())
-        model = PeftModel.from_pretrained(base, Path(adapter_dir) / "adapter")
-        instructions = pd.read_parquet(Path(prepared_dir) / "eval.parquet").instruction
-        prompts = [format_prompt(tokenize.template, text) for text in instructions]
-
-        reference = greedy_generate(model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
-        reference_logits = continuation_logits(model, tokenizer, prompts, reference)
-        merged_model = model.merge_and_unload()
-        merged_logits = continuation_logits(merged_model, tokenizer, prompts, reference)
-        merged = greedy_generate(merged_model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
-        parity = compare_logits(reference_logits, merged_logits, TIE_MARGIN[cfg.dtype.value])
-        parity.update(
-            dtype=cfg.dtype.value,
-            prompts=len(prompts),
-            max_new_tokens=cfg.parity_max_new_tokens,
-            identical_greedy=sum(r == m for r, m in zip(reference, merged)),
+    reference = greedy_generate(model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
+    reference_logits = continuation_logits(model, tokenizer, prompts, reference)
+    merged_model = model.merge_and_unload()
+    merged_logits = continuation_logits(merged_model, tokenizer, prompts, reference)
+    merged = greedy_generate(merged_model, tokenizer, prompts, cfg.parity_max_new_tokens, batch_size=len(prompts))
+    parity = compare_logits(reference_logits, merged_logits, TIE_MARGIN[cfg.dtype.value])
+    parity.update(
+        dtype=cfg.dtype.value,
+        prompts=len(prompts),
+        max_new_tokens=cfg.parity_max_new_tokens,
+        identical_greedy=sum(r == m for r, m in zip(reference, merged)),
+    )
+    (out / "parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
+    if not parity["passed"]:
+        raise MergeParityError(
+            f"merged model picks another token than base+adapter at {parity['disagreements_beyond_ties']} of "
+            f"{parity['positions']} positions where base+adapter was sure (top-2 margin >= {parity['tie_margin']}) "
+            f"in {cfg.dtype.value}; the merge is wrong, nothing was saved"
         )
-        (out / "parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-        if not parity["passed"]:
-            raise MergeParityError(
-                f"merged model picks another token than base+adapter at {parity['disagreements_beyond_ties']} of "
-                f"{parity['positions']} positions where base+adapter was sure (top-2 margin >= {parity['tie_margin']}) "
-                f"in {cfg.dtype.value}; the merge is wrong, nothing was saved"
-            )
-        merged_model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        return {"parity_passed": True, "parity_identical_greedy": parity["identical_greedy"]}
+    merged_model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    hooks.logger.info("merged model: %d of %d greedy answers identical to base+adapter", parity["identical_greedy"], len(prompts))
+    return {"parity_passed": True, "parity_identical_greedy": parity["identical_greedy"]}
 
-    return build_output(root, STAGE, merge_key(adapter_dir, model_dir, prepared_dir, tokenize, cfg), build)
+
+merge_adapter = Stage("merge", MergeInputs, _merge, __name__)

@@ -25,7 +25,8 @@ def pick_compute_dtype(setting: ComputeDtype) -> torch.dtype:
     if setting != ComputeDtype.auto:
         return DTYPES[setting.value]
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: T4 and V100 report bf16 as supported, emulated and slow.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16
 
 

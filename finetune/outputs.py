@@ -10,19 +10,21 @@ with `manifest.json` written last. A folder without its manifest is not an outpu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from pydantic import BaseModel
+
+from finetune.errors import MissingInputError
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16  # hex digits of sha256 kept in folder names: 64 bits, no collision in practice
@@ -63,29 +65,29 @@ def fingerprint(path: Path) -> str:
     raise FileNotFoundError(f"{path}: input not found")
 
 
-def code_digest(module_names: Sequence[str]) -> str:
-    """Hash of the source of a stage's modules: editing the stage's code invalidates its outputs."""
-    digest = hashlib.sha256()
-    for name in module_names:  # read, not imported: keys stay cheap to compute (no torch import)
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return digest.hexdigest()
+def _key_part(value: Any) -> Any:
+    """What a key sees of one field of a stage's inputs: paths by content, config sections by value."""
+    if isinstance(value, Path):
+        return fingerprint(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_key_part(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"a stage input of type {type(value).__name__} cannot enter a key; use a Path, a config section or a plain value")
 
 
-def stage_key(
-    stage: str,
-    modules: Sequence[str],
-    sections: Sequence[BaseModel],
-    inputs: Sequence[Path],
-    extra: Sequence[str] = (),
-) -> str:
-    parts = {
-        "stage": stage,
-        "code": code_digest(modules),
-        "config": [section.model_dump(mode="json") for section in sections],
-        "inputs": [fingerprint(Path(p)) for p in inputs],
-        "extra": list(extra),
-    }
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+def stage_key(stage: str, code: str, inputs: Any) -> str:
+    """Key of a stage from its name, its code digest and its typed inputs object (a dataclass)."""
+    seen = {}
+    for field in dataclasses.fields(inputs):
+        value = getattr(inputs, field.name)
+        try:
+            seen[field.name] = _key_part(value)
+        except FileNotFoundError:
+            raise MissingInputError(f"{stage}: {field.name} {value} does not exist") from None
+    blob = json.dumps({"stage": stage, "code": code, "inputs": seen}, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
 
 

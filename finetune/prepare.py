@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -16,17 +17,19 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from finetune.config import DataConfig
-from finetune.outputs import build_output, stage_key
-from finetune.readers import DataError, data_files, read_pairs
+from finetune.readers import SEED_MARKERS, DataError, data_files, read_pairs
+from finetune.stage import Hooks, Stage
+from finetune.template import PromptFormat
 
-STAGE = "prepare"
-MODULES = [__name__, "finetune.readers"]
-TEMPLATE_MARKERS = ("### HUMAN:", "### RESPONSE:")
-__all__ = ["DataError", "prepare_dataset", "prepare_key"]
+__all__ = ["DataError", "PrepareInputs", "prepare_dataset"]
 
 
-def _no_marker(text: Series[str]) -> Series[bool]:
-    return ~text.str.contains("|".join(re.escape(m) for m in TEMPLATE_MARKERS), regex=True)
+@dataclass(frozen=True, kw_only=True)
+class PrepareInputs:
+    raw_dir: Path  # every data file in it is read; the folder's content is in the key
+    heldout_path: Path
+    data: DataConfig
+    template: str  # tokenize.template: rows that contain its markers are rejected
 
 
 class RawRow(pa.DataFrameModel):
@@ -41,10 +44,6 @@ class RawRow(pa.DataFrameModel):
     @pa.check("instruction", "response", name="not_blank")
     def _not_blank(cls, text: Series[str]) -> Series[bool]:
         return text.str.strip().str.len() > 0
-
-    @pa.check("instruction", "response", name="no_template_marker")
-    def _no_template_marker(cls, text: Series[str]) -> Series[bool]:
-        return _no_marker(text)
 
     class Config:
         strict = True
@@ -68,12 +67,14 @@ class PreparedRow(pa.DataFrameModel):
         strict = True
 
 
-def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
-    """Config-dependent bounds, checked after the structural schema."""
+def _config_schema(cfg: DataConfig, prompt: PromptFormat) -> pa.DataFrameSchema:
+    """Config-dependent checks (length bounds, the template's markers, topics), after the structural schema."""
     bounds = pa.Check(
         lambda text: text.str.strip().str.len().between(cfg.min_chars, cfg.max_chars), name="length_bounds"
     )
-    checks = {"instruction": pa.Column(str, bounds), "response": pa.Column(str, bounds)}
+    pattern = "|".join(re.escape(marker) for marker in prompt.markers)
+    no_marker = pa.Check(lambda text: ~text.str.contains(pattern, regex=True), name="no_template_marker")
+    checks = {"instruction": pa.Column(str, [bounds, no_marker]), "response": pa.Column(str, [bounds, no_marker])}
     if cfg.topics is not None:
         known = set(cfg.topics)
         checks["topic"] = pa.Column(
@@ -82,11 +83,12 @@ def _length_schema(cfg: DataConfig) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(checks, strict=False)
 
 
-def _describe(column: str, check: str, cfg: DataConfig) -> str:
+def _describe(column: str, check: str, cfg: DataConfig, prompt: PromptFormat) -> str:
     """A pandera check name as a reason a person can act on."""
     reasons = {
         "not_blank": "is empty after trimming whitespace",
-        "no_template_marker": f"contains a template marker ({' / '.join(TEMPLATE_MARKERS)}), which would shift the loss mask",
+        "no_template_marker": f"contains a template marker ({' / '.join(prompt.markers)}, from tokenize.template); "
+        "trained on, the model would learn to write turns of its own",
         "length_bounds": f"length is outside data.min_chars..data.max_chars ({cfg.min_chars}..{cfg.max_chars} characters)",
         "known_topic": f"is missing or not one of data.topics {cfg.topics}",
         "not_nullable": "is missing",
@@ -94,12 +96,12 @@ def _describe(column: str, check: str, cfg: DataConfig) -> str:
     return f"{column} {reasons.get(check, check)}"
 
 
-def _validate(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
+def _validate(frame: pd.DataFrame, cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
     """Split rows into those passing both schemas and rejects with every reason that applies."""
     if frame.empty:
         return frame, []
     reasons: dict[int, list[str]] = {}
-    for schema in (RawRow.to_schema(), _length_schema(cfg)):
+    for schema in (RawRow.to_schema(), _config_schema(cfg, prompt)):
         try:
             schema.validate(frame, lazy=True)
         except pa.errors.SchemaErrors as errors:
@@ -107,7 +109,7 @@ def _validate(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, list[
             for index, column, check, case in cases[["index", "column", "check", "failure_case"]].itertuples(index=False):
                 if pd.isna(index):  # a failure of the whole frame (a column's type): a bug, not a row
                     raise DataError(f"rows do not match the schema: {column}: expected {check}, got {case}") from None
-                reasons.setdefault(int(index), []).append(_describe(column, check, cfg))
+                reasons.setdefault(int(index), []).append(_describe(column, check, cfg, prompt))
     rejected = [
         {"source_file": frame.at[i, "source_file"], "source_line": int(frame.at[i, "source_line"]), "reason": "; ".join(r)}
         for i, r in sorted(reasons.items())
@@ -119,15 +121,15 @@ def _normalized(text: pd.Series) -> pd.Series:
     return text.str.lower().str.split().str.join(" ")
 
 
-def load_rows(files: list[Path], cfg: DataConfig) -> tuple[pd.DataFrame, list[dict]]:
+def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
     rows, rejected = [], []
     for path in files:
-        result = read_pairs(path)
+        result = read_pairs(path, prompt.line_markers or SEED_MARKERS)
         rows += result.rows
         rejected += result.rejects
     columns = ["instruction", "response", "topic", "source_file", "source_line"]
     frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
-    frame, invalid = _validate(frame, cfg)
+    frame, invalid = _validate(frame, cfg, prompt)
     frame = frame.assign(instruction=frame.instruction.str.strip(), response=frame.response.str.strip())
     return frame.reset_index(drop=True), rejected + invalid
 
@@ -161,64 +163,80 @@ def _report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_key(raw_dir: Path, heldout_path: Path, cfg: DataConfig) -> str:
-    return stage_key(STAGE, MODULES, [cfg], [*data_files(raw_dir), Path(heldout_path)])
+def _drop_duplicates_and_leaks(train: pd.DataFrame, evaluation: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], int]:
+    """Collapse duplicates (case and whitespace insensitive) and reject rows that leak the held-out set."""
+    pair = _normalized(train.instruction) + "\x00" + _normalized(train.response)
+    duplicated = pair.duplicated()
+    leaked = _normalized(train.instruction).isin(set(_normalized(evaluation.instruction)))
+    rejected = [
+        {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
+        for r in train[leaked & ~duplicated].itertuples()
+    ]
+    return train[~duplicated & ~leaked].reset_index(drop=True), rejected, int(duplicated.sum())
 
 
-def prepare_dataset(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Path) -> Path:
-    """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, report."""
-    files = data_files(raw_dir)
-    if not Path(heldout_path).is_file():
+def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dict], duplicates: int) -> None:
+    cfg = inputs.data
+    total = len(train) + len(rejected) + duplicates
+    listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
+    if total and len(rejected) / total > cfg.max_reject_share:
+        raise DataError(
+            f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
+            f"{listed}. Fix those rows or raise the limit."
+        )
+    if len(train) < cfg.min_rows:
+        raise DataError(
+            f"{inputs.raw_dir}: {len(train)} usable training rows, fewer than data.min_rows={cfg.min_rows}"
+            + (f"; rejected: {listed}" if rejected else "")
+        )
+
+
+def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> pd.DataFrame:
+    heldout_path = Path(inputs.heldout_path)
+    if not heldout_path.is_file():
         raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
+    evaluation, eval_rejected = load_rows([heldout_path], inputs.data, prompt)
+    if eval_rejected:
+        first = eval_rejected[0]
+        raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
+    if evaluation.empty:
+        raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
+    PreparedRow.validate(evaluation, lazy=True)
+    return evaluation
 
-    def build(out: Path) -> dict:
-        train, rejected = load_rows(files, cfg)
-        evaluation, eval_rejected = load_rows([Path(heldout_path)], cfg)
-        if eval_rejected:
-            first = eval_rejected[0]
-            raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
-        if evaluation.empty:
-            raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
-        PreparedRow.validate(evaluation, lazy=True)
-        # Collapse duplicates (case and whitespace insensitive) and drop anything that leaks the held-out set.
-        key = _normalized(train.instruction) + "\x00" + _normalized(train.response)
-        duplicated = key.duplicated()
-        leaked = _normalized(train.instruction).isin(set(_normalized(evaluation.instruction)))
-        rejected += [
-            {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
-            for r in train[leaked & ~duplicated].itertuples()
-        ]
-        train = train[~duplicated & ~leaked].reset_index(drop=True)
-        rejected.sort(key=lambda r: (r["source_file"], r["source_line"]))
-        total = len(train) + len(rejected) + int(duplicated.sum())
-        listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
-        if total and len(rejected) / total > cfg.max_reject_share:
-            raise DataError(
-                f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
-                f"{listed}. Fix those rows or raise the limit."
-            )
-        if len(train) < cfg.min_rows:
-            raise DataError(
-                f"{raw_dir}: {len(train)} usable training rows, fewer than data.min_rows={cfg.min_rows}"
-                + (f"; rejected: {listed}" if rejected else "")
-            )
-        PreparedRow.validate(train, lazy=True)
-        train.to_parquet(out / "train.parquet", index=False)
-        evaluation.to_parquet(out / "eval.parquet", index=False)
-        pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
-        report = {
-            "train_rows": len(train),
-            "eval_rows": len(evaluation),
-            "rejected_rows": len(rejected),
-            "duplicates_collapsed": int(duplicated.sum()),
-            "train_files": [str(f) for f in files],
-            "topics_train": train.topic.fillna("(none)").value_counts().sort_index().to_dict(),
-            "topics_eval": evaluation.topic.fillna("(none)").value_counts().sort_index().to_dict(),
-            "lengths_train": _length_stats(train),
-            "rejected_examples": rejected[:10],
-        }
-        (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        (out / "report.md").write_text(_report_markdown(report), encoding="utf-8")
-        return {"train_rows": len(train), "eval_rows": len(evaluation), "rejected_rows": len(rejected)}
 
-    return build_output(root, STAGE, prepare_key(raw_dir, heldout_path, cfg), build)
+def _report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, rejected: list[dict], duplicates: int) -> dict:
+    return {
+        "train_rows": len(train),
+        "eval_rows": len(evaluation),
+        "rejected_rows": len(rejected),
+        "duplicates_collapsed": duplicates,
+        "train_files": [str(f) for f in files],
+        "topics_train": train.topic.fillna("(none)").value_counts().sort_index().to_dict(),
+        "topics_eval": evaluation.topic.fillna("(none)").value_counts().sort_index().to_dict(),
+        "lengths_train": _length_stats(train),
+        "rejected_examples": rejected[:10],
+    }
+
+
+def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, the report."""
+    prompt = PromptFormat(inputs.template)
+    files = data_files(inputs.raw_dir)
+    evaluation = _load_heldout(inputs, prompt)
+    train, rejected = load_rows(files, inputs.data, prompt)
+    train, leaks, duplicates = _drop_duplicates_and_leaks(train, evaluation)
+    rejected = sorted(rejected + leaks, key=lambda r: (r["source_file"], r["source_line"]))
+    _check_enough(inputs, train, rejected, duplicates)
+    PreparedRow.validate(train, lazy=True)
+    train.to_parquet(out / "train.parquet", index=False)
+    evaluation.to_parquet(out / "eval.parquet", index=False)
+    pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
+    report = _report(files, train, evaluation, rejected, duplicates)
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(_report_markdown(report), encoding="utf-8")
+    hooks.logger.info("%d training rows, %d held-out rows, %d rejected", len(train), len(evaluation), len(rejected))
+    return {"train_rows": len(train), "eval_rows": len(evaluation), "rejected_rows": len(rejected)}
+
+
+prepare_dataset = Stage("prepare", PrepareInputs, _prepare, __name__)

@@ -26,11 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import PermanentError
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-HUMAN, RESPONSE = "### HUMAN:", "### RESPONSE:"
+# The seed's text format; a template with the same shape (a marker line before and after the
+# instruction) reads .txt files with its own markers instead (template.PromptFormat.line_markers).
+SEED_MARKERS = ("### HUMAN:", "### RESPONSE:")
 
 
-class DataError(ValueError):
+class DataError(PermanentError, ValueError):
     """Training data that cannot be used; the message names the file (and line) and what to fix."""
 
 
@@ -218,25 +222,27 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)  # NaN: an empty Parquet cell
 
 
-def _read_seed_text(path: Path, data: bytes, result: ReadResult) -> None:
-    """Blocks of `### HUMAN:` then `### RESPONSE:`, as the seed's dataset was written."""
+def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[str, str]) -> None:
+    """Blocks of `### HUMAN:` then `### RESPONSE:` (or the template's own markers), as the seed's
+    dataset was written."""
+    human, answer = markers
     lines = _decode_lines(path, data, result)
     blocks: list[tuple[int, list[str]]] = []
     for number, text in lines:
-        if text.strip() == HUMAN or text.startswith(HUMAN + " "):
+        if text.strip() == human or text.startswith(human + " "):
             blocks.append((number, [text]))
         elif blocks:
             blocks[-1][1].append(text)
         elif text.strip():
-            result.reject(path, number, f"text before the first {HUMAN} line")
+            result.reject(path, number, f"text before the first {human} line")
     if not blocks:
-        raise DataError(f"{path}: no '{HUMAN}' blocks; a .txt file holds {HUMAN} / {RESPONSE} pairs")
+        raise DataError(f"{path}: no '{human}' blocks; a .txt file holds {human} / {answer} pairs")
     for number, block in blocks:
-        body = "\n".join(block)[len(HUMAN):]
-        if body.count(RESPONSE) != 1:
-            result.reject(path, number, f"a block needs exactly one {RESPONSE} line, found {body.count(RESPONSE)}")
+        body = "\n".join(block)[len(human):]
+        if body.count(answer) != 1:
+            result.reject(path, number, f"a block needs exactly one {answer} line, found {body.count(answer)}")
             continue
-        instruction, response = (part.strip() for part in body.split(RESPONSE))
+        instruction, response = (part.strip() for part in body.split(answer))
         row, reason = _to_pair({"instruction": instruction, "response": response}, LAYOUTS[2])
         if row is None:
             result.reject(path, number, reason)
@@ -244,8 +250,9 @@ def _read_seed_text(path: Path, data: bytes, result: ReadResult) -> None:
             result.rows.append({**row, "source_file": str(path), "source_line": number})
 
 
-def read_pairs(path: Path) -> ReadResult:
-    """Rows and rejects of one data file; a DataError if the file as a whole cannot be used."""
+def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:
+    """Rows and rejects of one data file; a DataError if the file as a whole cannot be used.
+    `markers` open the instruction and the response of a block in a .txt file."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
@@ -256,7 +263,10 @@ def read_pairs(path: Path) -> ReadResult:
     data = path.read_bytes()
     if not data.strip(b" \t\r\n\xef\xbb\xbf"):
         raise DataError(f"{path}: the file is empty; add pairs or remove it")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_seed_text}
+    if path.suffix == ".txt":
+        _read_seed_text(path, data, result, markers)
+        return result
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
     readers[path.suffix](path, data, result)
     return result
 

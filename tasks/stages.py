@@ -1,62 +1,89 @@
-"""The six stages as Prefect tasks: name, cache policy, retries, logs. The logic is in finetune/."""
+"""The six stages as Prefect tasks, made by one factory: name, cache policy, retries, logs, progress.
+
+The logic is in finetune/; a task only runs a stage with Prefect's logger and, for long stages, a
+progress artifact.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
+from prefect.states import State
 
-from finetune.config import DataConfig, EvalConfig, LoraConfig, MergeConfig, ModelConfig, QuantConfig, TokenizeConfig, TrainConfig
-from finetune.evaluate import STAGE as EVALUATE, evaluate_adapter, evaluate_key
-from finetune.merge import STAGE as MERGE, merge_adapter, merge_key
-from finetune.prepare import STAGE as PREPARE, prepare_dataset, prepare_key
-from finetune.resolve import STAGE as RESOLVE, resolve_key, resolve_model
-from finetune.tokenization import STAGE as TOKENIZE, tokenize_dataset, tokenize_key
-from finetune.train import STAGE as TRAIN, log_line, train_adapter, train_key
-from tasks.caching import RESULT_STORAGE, StageCache, retry_unless_user_error
+from finetune.evaluate import evaluate_adapter
+from finetune.merge import merge_adapter
+from finetune.prepare import prepare_dataset
+from finetune.resolve import resolve_model
+from finetune.stage import Hooks, Stage
+from finetune.tokenization import tokenize_dataset
+from finetune.train import train_adapter
+from tasks.caching import RESULT_STORAGE, StageCache, retry_unless_permanent
 
-common = {"result_storage": RESULT_STORAGE, "persist_result": True, "retry_condition_fn": retry_unless_user_error}
-
-
-@task(name=PREPARE, cache_policy=StageCache(stage=PREPARE, key_fn=prepare_key), **common)
-def prepare_task(raw_dir: Path, heldout_path: Path, cfg: DataConfig, root: Path) -> Path:
-    return prepare_dataset(raw_dir, heldout_path, cfg, root)
+Inputs = TypeVar("Inputs")
 
 
-@task(name=RESOLVE, cache_policy=StageCache(stage=RESOLVE, key_fn=resolve_key), retries=2, retry_delay_seconds=[5, 30], **common)
-def resolve_model_task(cfg: ModelConfig, root: Path) -> Path:
-    return resolve_model(cfg, root)
+def _progress_reporter(artifact_key: str, description: str):
+    """`progress(share)` that creates the progress artifact on first use and updates it after."""
+    artifact_id = None
+
+    def report(share: float) -> None:
+        nonlocal artifact_id
+        if artifact_id is None:
+            artifact_id = create_progress_artifact(100.0 * share, key=artifact_key, description=description)
+        else:
+            update_progress_artifact(artifact_id, 100.0 * share)
+
+    return report
 
 
-@task(name=TOKENIZE, cache_policy=StageCache(stage=TOKENIZE, key_fn=tokenize_key), **common)
-def tokenize_task(prepared_dir: Path, model_dir: Path, cfg: TokenizeConfig, root: Path) -> Path:
-    return tokenize_dataset(prepared_dir, model_dir, cfg, root)
+@dataclass(frozen=True)
+class StageTask(Generic[Inputs]):
+    """A stage and its Prefect task. Calling it computes the stage key here, in the flow: an error in
+    it fails the run (inside a cache policy, Prefect would log it and run the task uncached)."""
+
+    stage: Stage[Inputs]
+    task: Task
+
+    def __call__(self, inputs: Inputs, root: Path) -> State:
+        key = self.stage.key(inputs)
+        return self.task(inputs, Path(root), key, return_state=True)
 
 
-@task(name=TRAIN, cache_policy=StageCache(stage=TRAIN, key_fn=train_key), retries=2, retry_delay_seconds=[10, 60], **common)
-def train_task(
-    tokenized_dir: Path, model_dir: Path, quant: QuantConfig, lora: LoraConfig, train: TrainConfig, root: Path
-) -> Path:
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done, in %")
+def stage_task(
+    stage: Stage[Inputs], retries: int = 0, retry_delay_seconds: list[float] | None = None,
+    progress: tuple[str, str] | None = None,
+) -> StageTask[Inputs]:  # fmt: skip
+    """`progress`: (artifact key, description) of a progress artifact the stage keeps up to date."""
 
-    def report(step: int, max_steps: int, logs: dict) -> None:
-        logger.info(log_line(step, max_steps, logs))
-        update_progress_artifact(progress_id, 100.0 * step / max_steps)
+    @task(
+        name=stage.name,
+        cache_policy=StageCache(stage=stage.name),
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds or 0,
+        retry_condition_fn=retry_unless_permanent,
+        result_storage=RESULT_STORAGE,
+        persist_result=True,
+    )
+    def run(inputs: Inputs, root: Path, key: str) -> Path:
+        hooks = Hooks(logger=get_run_logger())
+        if progress is not None:
+            hooks = Hooks(logger=hooks.logger, progress=_progress_reporter(*progress))
+        return stage(inputs, root, key=key, hooks=hooks)
 
-    return train_adapter(tokenized_dir, model_dir, quant, lora, train, root, progress=report, logger=logger)
+    return StageTask(stage, run)
 
 
-@task(name=EVALUATE, cache_policy=StageCache(stage=EVALUATE, key_fn=evaluate_key), retries=1, retry_delay_seconds=10, **common)
-def evaluate_task(
-    adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenized_dir: Path,
-    quant: QuantConfig, tokenize: TokenizeConfig, cfg: EvalConfig, root: Path,
-) -> Path:  # fmt: skip
-    return evaluate_adapter(adapter_dir, model_dir, prepared_dir, tokenized_dir, quant, tokenize, cfg, root)
-
-
-@task(name=MERGE, cache_policy=StageCache(stage=MERGE, key_fn=merge_key), retries=1, retry_delay_seconds=10, **common)
-def merge_task(adapter_dir: Path, model_dir: Path, prepared_dir: Path, tokenize: TokenizeConfig, cfg: MergeConfig, root: Path) -> Path:
-    return merge_adapter(adapter_dir, model_dir, prepared_dir, tokenize, cfg, root)
+prepare_task = stage_task(prepare_dataset)
+resolve_model_task = stage_task(resolve_model, retries=2, retry_delay_seconds=[5, 30])
+tokenize_task = stage_task(tokenize_dataset)
+train_task = stage_task(
+    train_adapter, retries=2, retry_delay_seconds=[10, 60],
+    progress=("training-progress", "Optimizer steps done, in %"),
+)  # fmt: skip
+evaluate_task = stage_task(evaluate_adapter, retries=1, retry_delay_seconds=[10])
+merge_task = stage_task(merge_adapter, retries=1, retry_delay_seconds=[10])

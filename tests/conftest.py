@@ -71,3 +71,30 @@ def workspace_overrides(workspace: Path) -> list[str]:
         f"paths.output_dir={workspace / 'outputs'}",
         f"paths.runs_dir={workspace / 'runs'}",
     ]
+
+
+def prepare_inputs(raw_dir: Path, heldout_path: Path, data=None, template: str | None = None):
+    """PrepareInputs with the default data section and template unless given."""
+    from finetune.config import DataConfig, TokenizeConfig
+    from finetune.prepare import PrepareInputs
+
+    return PrepareInputs(
+        raw_dir=raw_dir, heldout_path=heldout_path, data=data or DataConfig(), template=template or TokenizeConfig().template
+    )
+
+
+def tokenized_data(config, model_dir: Path, root: Path) -> tuple[Path, Path]:
+    """(prepared_dir, tokenized_dir) of `config`'s data, tokenized for the model in `model_dir`."""
+    from finetune.prepare import prepare_dataset
+    from finetune.tokenization import TokenizeInputs, tokenize_dataset
+
+    paths = config.paths
+    prepared_dir = prepare_dataset(prepare_inputs(paths.raw_dir, paths.heldout_path, config.data, config.tokenize.template), root)
+    tokenized_dir = tokenize_dataset(TokenizeInputs(prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize), root)
+    return prepared_dir, tokenized_dir
+
+
+def train_inputs(config, tokenized_dir: Path, model_dir: Path):
+    from finetune.train import TrainInputs
+
+    return TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)

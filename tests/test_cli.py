@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, workspace_overrides
 
 
@@ -61,3 +63,13 @@ def test_validate_prints_the_data_report(workspace):
     result = _finetune("validate", *sets)
     assert result.returncode == 1
     assert result.stderr.startswith("finetune: data error: 20 of 124 rows rejected")
+
+
+def test_a_paged_optimizer_on_a_machine_without_cuda_stops_before_anything_runs():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the rule is about machines without CUDA")
+    result = _finetune("run", "--set", "train.optim=paged_adamw_32bit")
+    assert result.returncode == 2
+    assert "train.optim=paged_adamw_32bit needs a CUDA GPU" in result.stderr and "use adamw_torch" in result.stderr

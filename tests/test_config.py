@@ -1,7 +1,20 @@
+from typing import get_args
 
 import pytest
+import yaml
 
-from finetune.config import ConfigError, LossOn, load_config
+from finetune.config import (
+    CUDA_OPTIMIZERS,
+    ConfigError,
+    FinetuneConfig,
+    LossOn,
+    Optimizer,
+    Scheduler,
+    check_hardware,
+    hardware_problems,
+    load_config,
+)
+from finetune.errors import PermanentError
 from tests.conftest import ROOT
 
 
@@ -40,6 +53,8 @@ def test_dotted_overrides_are_parsed_as_yaml():
         (["lora"], "expected key=value"),
         (["lora=3", "lora.r=1"], "'lora' is a value, not a section"),
         (["lora.r.x=1"], "lora.r: Input should be a valid integer"),
+        (["data.min_chars=5000"], "data.min_chars=5000 exceeds data.max_chars=4000"),
+        (["train.lr_scheduler=constant"], "train.warmup_ratio=0.03 is ignored by train.lr_scheduler=constant"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -57,3 +72,95 @@ def test_bad_config_file_names_the_file(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path)
+
+
+def test_config_error_is_permanent():
+    assert issubclass(ConfigError, PermanentError) and issubclass(ConfigError, ValueError)
+
+
+def test_default_yaml_matches_the_code_defaults():
+    """Every key of configs/default.yaml is there with the code's default, so neither can drift."""
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    assert raw == FinetuneConfig().model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("key", "allowed"),
+    [
+        ("train.optim", get_args(Optimizer)),
+        ("train.lr_scheduler", get_args(Scheduler)),
+        ("lora.bias", ("none", "all", "lora_only")),
+        ("quant.quant_type", ("nf4", "fp4")),
+        ("quant.compute_dtype", ("auto", "bfloat16", "float16", "float32")),
+        ("merge.dtype", ("bfloat16", "float16", "float32")),
+        ("tokenize.overlength", ("reject", "truncate")),
+        ("tokenize.loss_on", ("response", "full")),
+    ],
+)
+def test_a_typo_in_a_choice_names_the_key_and_the_allowed_values(tmp_path, key, allowed):
+    path = tmp_path / "typo.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, [f"{key}=typo"])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}: Input should be ")
+    assert all(f"'{value}'" in message for value in allowed)
+
+
+def test_every_optimizer_and_scheduler_is_a_transformers_name():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    assert set(get_args(Optimizer)) <= {o.value for o in OptimizerNames}
+    assert set(get_args(Scheduler)) <= {s.value for s in SchedulerType}
+    for name in get_args(Optimizer):
+        assert load_config(None, [f"train.optim={name}"]).train.optim == name
+    for name in get_args(Scheduler):
+        assert load_config(None, [f"train.lr_scheduler={name}", "train.warmup_ratio=0"]).train.lr_scheduler == name
+
+
+def test_cuda_optimizers_are_the_paged_and_8bit_bitsandbytes_ones():
+    assert CUDA_OPTIMIZERS == {name for name in get_args(Optimizer) if "paged" in name or "8bit" in name}
+    trainer_optimizer = pytest.importorskip("transformers.trainer_optimizer")
+    bitsandbytes = {str(getattr(o, "value", o)) for o in getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", ())}
+    if bitsandbytes:  # a private name of transformers 5; only checked where it exists
+        assert CUDA_OPTIMIZERS <= bitsandbytes
+
+
+def test_paged_optimizer_needs_cuda():
+    config = load_config(ROOT / "configs" / "llama2-7b-chat.yaml")
+    assert hardware_problems(config, cuda=False, bf16=False) == [
+        "train.optim=paged_adamw_32bit needs a CUDA GPU (its paging or 8-bit state saves GPU memory, "
+        "a CPU gets only the slowdown); use adamw_torch on this machine"
+    ]
+    assert hardware_problems(config, cuda=True, bf16=True) == []
+    assert hardware_problems(load_config(None, ["train.optim=adamw_8bit"]), cuda=False, bf16=False)
+    assert hardware_problems(load_config(None, ["train.optim=lion_32bit"]), cuda=False, bf16=False) == []
+
+
+def test_bf16_on_a_gpu_without_bf16_names_both_keys():
+    config = load_config(None, ["quant.compute_dtype=bfloat16"])  # merge.dtype defaults to bfloat16
+    problems = hardware_problems(config, cuda=True, bf16=False)
+    assert [p.split("=")[0] for p in problems] == ["quant.compute_dtype", "merge.dtype"]
+    assert "use float16" in problems[0] and "use float16" in problems[1]
+    assert hardware_problems(config, cuda=True, bf16=True) == []
+    assert hardware_problems(config, cuda=False, bf16=False) == []  # CPUs compute in bf16
+    fixed = load_config(None, ["quant.compute_dtype=float16", "merge.dtype=float16"])
+    assert hardware_problems(fixed, cuda=True, bf16=False) == []
+
+
+def test_default_config_fits_a_cpu_machine():
+    assert hardware_problems(FinetuneConfig(), cuda=False, bf16=False) == []
+
+
+def test_check_hardware_raises_every_problem(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    config = load_config(None, ["train.optim=paged_adamw_8bit", "quant.compute_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"^quant\.compute_dtype=bfloat16 .*\nmerge\.dtype=bfloat16 "):
+        check_hardware(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^train\.optim=paged_adamw_8bit needs a CUDA GPU"):
+        check_hardware(config)

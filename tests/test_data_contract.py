@@ -11,10 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.config import DataConfig
+from finetune.config import DataConfig, TokenizeConfig
 from finetune.prepare import load_rows, prepare_dataset
 from finetune.readers import DataError, data_files
-from tests.conftest import ROOT
+from finetune.template import PromptFormat
+from tests.conftest import ROOT, prepare_inputs
+
+PROMPT = PromptFormat(TokenizeConfig().template)
 
 TOPICS = ["science_technology", "health_wellness", "business_finance", "environment", "education"]
 CONFIG = DataConfig(topics=TOPICS)
@@ -85,11 +88,11 @@ def test_bad_input_has_its_exact_outcome(tmp_path, case, name, content, outcome)
 
     if kind == "error":
         with pytest.raises(DataError) as error:
-            load_rows([path], config)
+            load_rows([path], config, PROMPT)
         assert str(error.value).startswith(str(path))
         assert expected in str(error.value)
         return
-    rows, rejected = load_rows([path], config)
+    rows, rejected = load_rows([path], config, PROMPT)
     if kind == "ok":
         assert (len(rows), rejected) == (int(expected), [])
         assert not rows.instruction.str.contains("\r").any()
@@ -115,7 +118,7 @@ def test_every_layout_and_format_reads_the_same_pair(tmp_path):
         (tmp_path / name).write_bytes(content)
     pd.DataFrame([{"instruction": pair[0], "response": pair[1]}]).to_parquet(tmp_path / "g.parquet")
 
-    rows, rejected = load_rows(data_files(tmp_path), DataConfig())
+    rows, rejected = load_rows(data_files(tmp_path), DataConfig(), PROMPT)
 
     assert rejected == []
     assert rows[["instruction", "response"]].drop_duplicates().values.tolist() == [list(pair)]
@@ -124,7 +127,7 @@ def test_every_layout_and_format_reads_the_same_pair(tmp_path):
 
 def test_alpaca_input_joins_the_instruction(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(jsonl({"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}))
-    rows, _ = load_rows([tmp_path / "a.jsonl"], DataConfig())
+    rows, _ = load_rows([tmp_path / "a.jsonl"], DataConfig(), PROMPT)
     assert rows.instruction.tolist() == ["Translate.\n\nBonjour"]
 
 
@@ -135,16 +138,16 @@ def test_a_folder_without_data_files_is_an_error(tmp_path):
 
 
 def test_default_data_passes_with_zero_rejects():
-    rows, rejected = load_rows(data_files(ROOT / "data/raw"), CONFIG)
+    rows, rejected = load_rows(data_files(ROOT / "data/raw"), CONFIG, PROMPT)
     assert (len(rows), rejected) == (104, [])
-    held, rejected = load_rows([ROOT / "data/eval/heldout.jsonl"], CONFIG)
+    held, rejected = load_rows([ROOT / "data/eval/heldout.jsonl"], CONFIG, PROMPT)
     assert (len(held), rejected) == (25, [])
 
 
 def _outcome_is_clean(raw_dir, heldout, out_root) -> None:
     """Either prepared splits, or a DataError naming a file; never any other exception."""
     try:
-        out = prepare_dataset(raw_dir, heldout, DataConfig(max_reject_share=1, min_rows=1), out_root)
+        out = prepare_dataset(prepare_inputs(raw_dir, heldout, DataConfig(max_reject_share=1, min_rows=1)), out_root)
     except DataError as error:
         assert str(raw_dir) in str(error) or "rows rejected" in str(error) or str(heldout) in str(error)
         return

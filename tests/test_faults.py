@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import load_config
-from tests.conftest import ROOT, workspace_overrides
+from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
 TINY = ROOT / "configs" / "tiny.yaml"
 # Two epochs of 26 steps (micro-batch 2 x 2), a checkpoint every 2 steps: resume points in every epoch.
@@ -77,10 +77,9 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
 
     # The same training without interruption, in-process, from the same tokenized data.
     config = load_config(TINY, overrides)
-    reference = train_adapter(
-        Path(record["stages"]["tokenize"]["output_dir"]), Path(record["stages"]["resolve_model"]["output_dir"]),
-        config.quant, config.lora, config.train, tmp_path / "reference",
-    )  # fmt: skip
+    tokenized_dir = Path(record["stages"]["tokenize"]["output_dir"])
+    model_dir = Path(record["stages"]["resolve_model"]["output_dir"])
+    reference = train_adapter(train_inputs(config, tokenized_dir, model_dir), tmp_path / "reference")
     expected = {e["step"]: e["loss"] for e in json.loads((reference / "log_history.json").read_text())}
     resumed_dir = Path(record["stages"]["train"]["output_dir"])
     got = {e["step"]: e["loss"] for e in json.loads((resumed_dir / "log_history.json").read_text())}
@@ -92,14 +91,12 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
 def test_truncated_newest_checkpoint_falls_back_to_the_one_before(workspace, tiny_model_dir, monkeypatch):
     import transformers
 
-    from finetune.prepare import prepare_dataset
-    from finetune.tokenization import tokenize_dataset
-    from finetune.train import checkpoints_dir, train_adapter, train_key
+    from finetune.train import checkpoints_dir, train_adapter
 
     config = load_config(TINY, _overrides(workspace, tiny_model_dir, *LONGER))
     root = workspace / "out"
-    prepared = prepare_dataset(config.paths.raw_dir, config.paths.heldout_path, config.data, root)
-    tokenized = tokenize_dataset(prepared, tiny_model_dir, config.tokenize, root)
+    _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+    inputs = train_inputs(config, tokenized_dir, tiny_model_dir)
 
     original = transformers.Trainer.training_step
 
@@ -110,15 +107,15 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(workspace, tin
 
     monkeypatch.setattr(transformers.Trainer, "training_step", crash_at_step_9)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_adapter(tokenized, tiny_model_dir, config.quant, config.lora, config.train, root)
+        train_adapter(inputs, root)
     monkeypatch.setattr(transformers.Trainer, "training_step", original)
 
-    work = checkpoints_dir(root, train_key(tokenized, tiny_model_dir, config.quant, config.lora, config.train))
+    work = checkpoints_dir(root, train_adapter.key(inputs))
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     weights = work / "checkpoint-8" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
-    out = train_adapter(tokenized, tiny_model_dir, config.quant, config.lora, config.train, root)
+    out = train_adapter(inputs, root)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 6
@@ -160,7 +157,7 @@ def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatc
 
     original = finetune.evaluate.response_loss
     monkeypatch.setattr(finetune.evaluate, "response_loss", disk_went_away)
-    monkeypatch.setattr(evaluate_task, "retries", 0)  # fail now instead of after the retry delay
+    monkeypatch.setattr(evaluate_task.task, "retries", 0)  # fail now instead of after the retry delay
     with pytest.raises(StageFailed, match="stage evaluate failed: disk went away"):
         run_flow()
     monkeypatch.setattr(finetune.evaluate, "response_loss", original)
@@ -205,7 +202,7 @@ def test_out_of_memory_retry_halves_the_micro_batch(run_flow, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.Trainer, "training_step", out_of_memory_at_batch_4)
-    monkeypatch.setattr(train_task, "retry_delay_seconds", [0, 0])
+    monkeypatch.setattr(train_task.task, "retry_delay_seconds", [0, 0])
 
     record = run_flow()
 

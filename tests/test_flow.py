@@ -20,6 +20,16 @@ def _artifacts(flow_run_id: str) -> dict[str, object]:
     return {artifact.key: artifact for artifact in found}
 
 
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    """Prefect's own record: task name -> state name of each task run of the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
@@ -66,8 +76,15 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     generated = model.generate(**tokenizer("### HUMAN:\nHi\n\n### RESPONSE:\n", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 0
 
+    assert {name: state for name, state in _task_states(first["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
+        STAGES, "Completed"
+    )
+
     second = finetune(TINY, tiny_overrides())
     assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
+    assert {name: state for name, state in _task_states(second["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
+        STAGES, "Cached"
+    )
     assert {name: s["key"] for name, s in second["stages"].items()} == {name: s["key"] for name, s in first["stages"].items()}
     assert second["metrics"] == first["metrics"]
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
@@ -107,3 +124,20 @@ def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_over
     assert record["status"] == "failed"
     assert record["stages"]["prepare"]["state"] == "failed"
     assert "train" not in record["stages"]
+
+
+def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached(prefect_server, tiny_overrides, monkeypatch):
+    from finetune import stage as stage_module
+    from flows.finetune import StageFailed, finetune
+
+    def broken(module: str) -> str:
+        raise RuntimeError(f"cannot read the code of {module}")
+
+    monkeypatch.setattr(stage_module, "code_digest", broken)
+
+    with pytest.raises(StageFailed, match="stage prepare failed: cannot read the code of finetune.prepare") as failure:
+        finetune(TINY, tiny_overrides())
+
+    record = json.loads((failure.value.run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and record["stages"]["prepare"]["state"] == "failed"
+    assert not set(_task_states(record["flow_run_id"])) & set(STAGES)  # no stage task ran, cached or not

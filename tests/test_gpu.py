@@ -12,27 +12,27 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
     import bitsandbytes as bnb
 
     from finetune.config import load_config
-    from finetune.evaluate import evaluate_adapter
+    from finetune.evaluate import EvaluateInputs, evaluate_adapter
     from finetune.modeling import load_base
-    from finetune.prepare import prepare_dataset
-    from finetune.tokenization import tokenize_dataset
     from finetune.train import train_adapter
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
-    config = load_config(ROOT / "configs" / "tiny.yaml", ["quant.compute_dtype=auto"])
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), "quant.compute_dtype=auto"])
     base = load_base(tiny_model_dir, config.quant)
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(layer.weight.device.type == "cuda" for layer in layers)
     assert layers[0].weight.quant_state.dtype == torch.bfloat16 or not torch.cuda.is_bf16_supported()
 
     root = workspace / "out"
-    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", config.data, root)
-    tokenized = tokenize_dataset(prepared, tiny_model_dir, config.tokenize, root)
-    adapter = train_adapter(tokenized, tiny_model_dir, config.quant, config.lora, config.train, root)
-    summary = json.loads((adapter / "summary.json").read_text())
+    prepared_dir, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+    train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+    summary = json.loads((train_dir / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["peak_memory_kind"] == "cuda_max_allocated"
     assert summary["train_steps"] == 13
-    evaluation = evaluate_adapter(adapter, tiny_model_dir, prepared, tokenized, config.quant, config.tokenize, config.eval, root)
+    evaluation = evaluate_adapter(EvaluateInputs(
+        train_dir=train_dir, model_dir=tiny_model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
+        quant=config.quant, tokenize=config.tokenize, eval=config.eval,
+    ), root)  # fmt: skip
     assert json.loads((evaluation / "metrics.json").read_text())["tuned"]["loss"] > 0
 
 
@@ -40,21 +40,18 @@ def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_
     """The allocator is capped at 0.25 GB so that micro-batches of 64 do not fit: each attempt that runs
     out of memory notes a halved micro-batch, and the next attempt (a Prefect retry in a run) fits."""
     from finetune.config import load_config
-    from finetune.prepare import prepare_dataset
-    from finetune.tokenization import tokenize_dataset
     from finetune.train import TrainingOutOfMemory, train_adapter
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
-    config = load_config(ROOT / "configs" / "tiny.yaml", ["train.batch_size=64", "train.grad_accum=1", "train.epochs=1"])
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), "train.batch_size=64", "train.grad_accum=1", "train.epochs=1"])
     root = workspace / "out"
-    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", config.data, root)
-    tokenized = tokenize_dataset(prepared, tiny_model_dir, config.tokenize, root)
+    _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
     torch.cuda.set_per_process_memory_fraction(0.25e9 / torch.cuda.get_device_properties(0).total_memory)
     try:
         failures = 0
         for _ in range(6):
             try:
-                adapter = train_adapter(tokenized, tiny_model_dir, config.quant, config.lora, config.train, root)
+                train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
                 break
             except TrainingOutOfMemory:
                 failures += 1
@@ -62,7 +59,7 @@ def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_
             pytest.fail("never fitted")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    summary = json.loads((adapter / "summary.json").read_text())
+    summary = json.loads((train_dir / "summary.json").read_text())
     assert failures >= 1 and len(summary["micro_batch_adjustments"]) == failures
     batch, accum = summary["micro_batch"]
     assert batch < 64 and batch * accum == 64

@@ -1,25 +1,48 @@
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from finetune.config import DataConfig, LoraConfig
+from finetune.errors import MissingInputError
 from finetune.outputs import build_output, fingerprint, is_complete, stage_key
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inputs:
+    data_path: Path
+    lora: LoraConfig
 
 
 def test_key_depends_on_config_inputs_and_nothing_else(tmp_path):
     data = tmp_path / "a.jsonl"
     data.write_text("one\n")
-    key = stage_key("s", ["finetune.outputs"], [LoraConfig()], [data])
-    assert key == stage_key("s", ["finetune.outputs"], [LoraConfig()], [data])
-    assert key != stage_key("s", ["finetune.outputs"], [LoraConfig(r=16)], [data])
-    assert key != stage_key("t", ["finetune.outputs"], [LoraConfig()], [data])
-    assert key != stage_key("s", ["finetune.prepare"], [LoraConfig()], [data])
+    key = stage_key("s", "code", Inputs(data_path=data, lora=LoraConfig()))
+    assert key == stage_key("s", "code", Inputs(data_path=data, lora=LoraConfig()))
+    assert key != stage_key("s", "code", Inputs(data_path=data, lora=LoraConfig(r=16)))
+    assert key != stage_key("t", "code", Inputs(data_path=data, lora=LoraConfig()))
+    assert key != stage_key("s", "other code", Inputs(data_path=data, lora=LoraConfig()))
     data.write_text("two\n")
-    assert key != stage_key("s", ["finetune.outputs"], [LoraConfig()], [data])
+    assert key != stage_key("s", "code", Inputs(data_path=data, lora=LoraConfig()))
     # The path itself is not part of the key: the same bytes elsewhere give the same key.
     moved = tmp_path / "b.jsonl"
     moved.write_text("one\n")
-    assert key == stage_key("s", ["finetune.outputs"], [LoraConfig()], [moved])
+    assert key == stage_key("s", "code", Inputs(data_path=moved, lora=LoraConfig()))
+
+
+def test_a_missing_input_names_the_field(tmp_path):
+    with pytest.raises(MissingInputError, match="s: data_path .*missing.jsonl does not exist"):
+        stage_key("s", "code", Inputs(data_path=tmp_path / "missing.jsonl", lora=LoraConfig()))
+
+
+def test_an_input_that_cannot_be_hashed_is_an_error():
+    @dataclass(frozen=True)
+    class Odd:
+        thing: object
+
+    with pytest.raises(TypeError, match="object cannot enter a key"):
+        stage_key("s", "code", Odd(thing=object()))
 
 
 def test_upstream_outputs_enter_keys_by_their_own_key(tmp_path):
@@ -63,8 +86,8 @@ def test_folder_without_manifest_is_rebuilt(tmp_path):
 
 
 def test_data_config_section_is_part_of_key(tmp_path):
-    data = tmp_path / "a.jsonl"
-    data.write_text("x\n")
-    assert stage_key("p", ["finetune.prepare"], [DataConfig()], [data]) != stage_key(
-        "p", ["finetune.prepare"], [DataConfig(max_chars=10)], [data]
-    )
+    @dataclass(frozen=True)
+    class PrepareLike:
+        data: DataConfig
+
+    assert stage_key("p", "code", PrepareLike(DataConfig())) != stage_key("p", "code", PrepareLike(DataConfig(max_chars=10)))

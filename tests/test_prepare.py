@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from finetune.config import DataConfig
-from finetune.prepare import DataError, prepare_dataset, prepare_key
-from tests.conftest import ROOT
+from finetune.errors import MissingInputError
+from finetune.prepare import DataError, prepare_dataset
+from tests.conftest import ROOT, prepare_inputs
 
 TOPICS = ["science_technology", "health_wellness", "business_finance", "environment", "education"]
 
@@ -24,7 +25,7 @@ def test_default_data_passes_with_zero_rejects_and_raw_is_untouched(workspace):
     raw, heldout = workspace / "data/raw", workspace / "data/eval/heldout.jsonl"
     before = _tree_digest(raw)
 
-    out = prepare_dataset(raw, heldout, DataConfig(topics=TOPICS), workspace / "processed")
+    out = prepare_dataset(prepare_inputs(raw, heldout, DataConfig(topics=TOPICS)), workspace / "processed")
 
     report = json.loads((out / "report.json").read_text())
     assert (report["train_rows"], report["eval_rows"], report["rejected_rows"]) == (104, 25, 0)
@@ -50,7 +51,7 @@ def test_bad_rows_are_rejected_with_file_line_and_reason(workspace):
     )  # fmt: skip
     config = DataConfig(topics=TOPICS, max_reject_share=0.5)
 
-    out = prepare_dataset(raw, workspace / "data/eval/heldout.jsonl", config, workspace / "processed")
+    out = prepare_dataset(prepare_inputs(raw, workspace / "data/eval/heldout.jsonl", config), workspace / "processed")
 
     rejected = pd.read_parquet(out / "rejected.parquet")
     reasons = {int(r.source_line): r.reason for r in rejected.itertuples() if r.source_file == str(bad)}
@@ -71,7 +72,7 @@ def test_duplicates_collapse_and_heldout_leaks_are_rejected(workspace):
         json.dumps({**first, "instruction": "  " + first["instruction"].upper() + " "}) + "\n" + json.dumps(leaked) + "\n"
     )
 
-    out = prepare_dataset(raw, workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "processed")
+    out = prepare_dataset(prepare_inputs(raw, workspace / "data/eval/heldout.jsonl", DataConfig()), workspace / "processed")
 
     report = json.loads((out / "report.json").read_text())
     assert report["duplicates_collapsed"] == 1
@@ -85,7 +86,7 @@ def test_too_many_rejects_fail_with_the_offending_lines(workspace):
     (raw / "broken.jsonl").write_text("".join("{broken\n" for _ in range(10)))
 
     with pytest.raises(DataError, match=r"10 of 114 rows rejected.*broken.jsonl:1 \(malformed JSON"):
-        prepare_dataset(raw, workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "processed")
+        prepare_dataset(prepare_inputs(raw, workspace / "data/eval/heldout.jsonl", DataConfig()), workspace / "processed")
     assert not (workspace / "processed" / "prepare").exists() or not any(
         p.name[0] != "." for p in (workspace / "processed" / "prepare").iterdir()
     )
@@ -93,23 +94,23 @@ def test_too_many_rejects_fail_with_the_offending_lines(workspace):
 
 def test_missing_inputs_are_clear_errors(tmp_path):
     (tmp_path / "raw").mkdir()
+    with pytest.raises(MissingInputError, match="prepare: heldout_path .*h.jsonl does not exist"):
+        prepare_dataset(prepare_inputs(tmp_path / "raw", tmp_path / "h.jsonl", DataConfig()), tmp_path / "out")
     with pytest.raises(DataError, match="no data files"):
-        prepare_dataset(tmp_path / "raw", tmp_path / "h.jsonl", DataConfig(), tmp_path / "out")
+        prepare_dataset(prepare_inputs(tmp_path / "raw", ROOT / "data/eval/heldout.jsonl", DataConfig()), tmp_path / "out")
     shutil.copy(ROOT / "data/raw/education.jsonl", tmp_path / "raw")
-    with pytest.raises(DataError, match="held-out file not found"):
-        prepare_dataset(tmp_path / "raw", tmp_path / "h.jsonl", DataConfig(), tmp_path / "out")
     (tmp_path / "bad.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
     shutil.copy(tmp_path / "bad.jsonl", tmp_path / "raw")
-    out = prepare_dataset(tmp_path / "raw", ROOT / "data/eval/heldout.jsonl", DataConfig(), tmp_path / "out")
+    out = prepare_dataset(prepare_inputs(tmp_path / "raw", ROOT / "data/eval/heldout.jsonl", DataConfig()), tmp_path / "out")
     rejected = pd.read_parquet(out / "rejected.parquet")
     assert rejected.reason.tolist() == ["not valid UTF-8 (byte 0xe9 at column 21)"]
 
 
 def test_key_changes_with_data_and_config_only(workspace):
     raw, heldout = workspace / "data/raw", workspace / "data/eval/heldout.jsonl"
-    key = prepare_key(raw, heldout, DataConfig())
-    assert key == prepare_key(raw, heldout, DataConfig())
-    assert key != prepare_key(raw, heldout, DataConfig(max_chars=100))
+    key = prepare_dataset.key(prepare_inputs(raw, heldout, DataConfig()))
+    assert key == prepare_dataset.key(prepare_inputs(raw, heldout, DataConfig()))
+    assert key != prepare_dataset.key(prepare_inputs(raw, heldout, DataConfig(max_chars=100)))
     with (raw / "education.jsonl").open("a") as handle:
         handle.write(_row("A new question?") + "\n")
-    assert key != prepare_key(raw, heldout, DataConfig())
+    assert key != prepare_dataset.key(prepare_inputs(raw, heldout, DataConfig()))

@@ -1,7 +1,7 @@
 import pytest
 
 from finetune.config import ModelConfig
-from finetune.resolve import ModelResolutionError, resolve_key, resolve_model
+from finetune.resolve import HubUnreachableError, ModelResolutionError, ResolveInputs, resolve_model
 
 
 def test_builtin_model_resolves_to_safetensors_and_generates(tmp_path):
@@ -9,7 +9,7 @@ def test_builtin_model_resolves_to_safetensors_and_generates(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = resolve_model(ModelConfig(), tmp_path)
+    out = resolve_model(ResolveInputs.of(ModelConfig()), tmp_path)
 
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "quantization_config" not in (out / "config.json").read_text()
@@ -20,19 +20,19 @@ def test_builtin_model_resolves_to_safetensors_and_generates(tmp_path):
     ids = tokenizer(prompt, return_tensors="pt")
     answer = tokenizer.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer
-    assert resolve_model(ModelConfig(), tmp_path) == out  # second call: the finished output
+    assert resolve_model(ResolveInputs.of(ModelConfig()), tmp_path) == out  # second call: the finished output
 
 
 def test_local_folder_is_linked_not_copied(tmp_path, tiny_model_dir):
-    out = resolve_model(ModelConfig(base=str(tiny_model_dir)), tmp_path)
+    out = resolve_model(ResolveInputs.of(ModelConfig(base=str(tiny_model_dir))), tmp_path)
     assert (out / "config.json").is_symlink()
     assert (out / "model.safetensors").resolve() == (tiny_model_dir / "model.safetensors").resolve()
 
 
 def test_unreachable_hub_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelResolutionError, match="meta-llama/Llama-2-7b-chat-hf: the hub is not reachable"):
-        resolve_model(ModelConfig(base="meta-llama/Llama-2-7b-chat-hf"), tmp_path)
+    with pytest.raises(HubUnreachableError, match="meta-llama/Llama-2-7b-chat-hf: the hub is not reachable"):
+        resolve_model(ResolveInputs.of(ModelConfig(base="meta-llama/Llama-2-7b-chat-hf")), tmp_path)
     assert not any(p.name[0] != "." for p in (tmp_path / "resolve_model").iterdir())
 
 
@@ -44,6 +44,6 @@ def test_unreachable_hub_gives_a_clear_error(tmp_path, monkeypatch):
         ("just-a-name", "no such folder, and not a hub id"),
     ],
 )
-def test_bad_base_names_the_key(base, message):
+def test_bad_base_names_the_key(base, message, tmp_path):
     with pytest.raises(ModelResolutionError, match=message):
-        resolve_key(ModelConfig(base=base))
+        resolve_model(ResolveInputs.of(ModelConfig(base=base)), tmp_path)

@@ -5,7 +5,8 @@ import pytest
 
 from finetune.config import DataConfig, LossOn, OverLength, TokenizeConfig
 from finetune.prepare import prepare_dataset
-from finetune.tokenization import IGNORE_INDEX, encode_example, load_tokenizer, tokenize_dataset, tokenize_key
+from finetune.tokenization import IGNORE_INDEX, TokenizeInputs, encode_example, load_tokenizer, tokenize_dataset
+from tests.conftest import prepare_inputs
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def test_loss_on_full_trains_every_token(tokenizer):
 
 
 def test_tokenize_stage_writes_splits_and_stats(workspace, tiny_model_dir):
-    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "p")
+    prepared = prepare_dataset(prepare_inputs(workspace / "data/raw", workspace / "data/eval/heldout.jsonl"), workspace / "p")
 
-    out = tokenize_dataset(prepared, tiny_model_dir, TokenizeConfig(max_length=80), workspace / "p")
+    out = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=TokenizeConfig(max_length=80)), workspace / "p")
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train"]["examples"] + stats["train"]["rejected"] == 104
@@ -46,15 +47,15 @@ def test_tokenize_stage_writes_splits_and_stats(workspace, tiny_model_dir):
     train = pd.read_parquet(out / "train.parquet")
     assert train.input_ids.str.len().max() <= 80
     assert all(any(t != IGNORE_INDEX for t in labels) for labels in train.labels)
-    assert tokenize_key(prepared, tiny_model_dir, TokenizeConfig(max_length=80)) != tokenize_key(
-        prepared, tiny_model_dir, TokenizeConfig()
+    assert tokenize_dataset.key(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=TokenizeConfig(max_length=80))) != (
+        tokenize_dataset.key(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=TokenizeConfig()))
     )
 
 
 def test_truncate_keeps_the_prompt_and_cuts_the_response(workspace, tiny_model_dir):
-    prepared = prepare_dataset(workspace / "data/raw", workspace / "data/eval/heldout.jsonl", DataConfig(), workspace / "p")
+    prepared = prepare_dataset(prepare_inputs(workspace / "data/raw", workspace / "data/eval/heldout.jsonl"), workspace / "p")
 
-    out = tokenize_dataset(prepared, tiny_model_dir, TokenizeConfig(max_length=40, overlength=OverLength.truncate), workspace / "p")
+    out = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=TokenizeConfig(max_length=40, overlength=OverLength.truncate)), workspace / "p")
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train"]["examples"] == 104 and stats["train"]["truncated"] > 0 and stats["train"]["rejected"] == 0

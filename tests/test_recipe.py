@@ -1,0 +1,37 @@
+"""The recipe's pure part: the config maps onto TRL's SFTConfig as the seed defines it."""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.config import TrainConfig, load_config
+from finetune.recipe import CHECKPOINTING_ARG, sft_config
+from tests.conftest import ROOT
+
+
+def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
+    train = load_config(ROOT / "configs" / "default.yaml").train
+
+    args = sft_config(train, tmp_path / "checkpoints", batch_size=1, grad_accum=4, compute_dtype=torch.bfloat16, use_cpu=True)
+
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 4, 3)
+    assert (args.learning_rate, args.max_grad_norm, args.weight_decay) == (2e-4, 0.3, 0.0)
+    assert str(args.lr_scheduler_type.value) == "constant_with_warmup" and args.warmup_steps == 0.03
+    assert str(args.optim.value) == "adamw_torch"
+    assert (args.bf16, args.fp16, args.use_cpu) == (True, False, True)
+    assert getattr(args, CHECKPOINTING_ARG) is True
+    assert (args.save_steps, args.save_total_limit, args.seed, args.data_seed) == (13, 3, 42, 42)
+    assert args.output_dir == str(tmp_path / "checkpoints")
+    assert args.logging_steps == 1 and args.logging_nan_inf_filter is False  # every step seen, NaN included
+    assert args.max_length is None  # tokenize already enforced tokenize.max_length
+
+
+def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
+    train = TrainConfig(batch_size=4, grad_accum=1, gradient_checkpointing=False, optim="adamw_torch_fused")
+
+    args = sft_config(train, tmp_path, batch_size=2, grad_accum=2, compute_dtype=torch.float16, use_cpu=False)
+
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)  # after an OOM halving
+    assert (args.bf16, args.fp16) == (False, True)
+    assert getattr(args, CHECKPOINTING_ARG) is False
+    assert str(args.optim.value) == "adamw_torch_fused"
