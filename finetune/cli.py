@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(config)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
-    from flows.finetune import StageFailed, finetune
+    from flows.finetune_flow import StageFailed, finetune
 
     try:
         record = finetune(str(config_path) if config_path else None, args.overrides)

@@ -96,6 +96,11 @@ class PathsConfig(Section):
         Path("outputs"), description="Outputs of resolve_model, train, evaluate and merge, one folder per key."
     )
     runs_dir: Path = Field(Path("runs"), description="One record folder per flow run: run.json, config, reports.")
+    models_dir: Path = Field(
+        Path("models"),
+        description="The champion: `champion` (a link to the promoted merged model) and `champion.json` (its "
+        "record and the history of promotions). It points into output_dir: keep both on the same disk.",
+    )
 
 
 class DataConfig(Section):
@@ -262,6 +267,16 @@ class MergeConfig(Section):
     )
 
 
+class PromoteConfig(Section):
+    min_loss_gain: float = Field(
+        0.01,
+        ge=0,
+        description="A candidate replaces the champion only if its held-out loss is lower by at least this much "
+        "(nats per response token) and its format adherence is not lower: higher keeps the champion through "
+        "noise between retrains, 0 promotes any improvement.",
+    )
+
+
 class FinetuneConfig(Section):
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
@@ -272,6 +287,7 @@ class FinetuneConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
+    promote: PromoteConfig = PromoteConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -4,6 +4,10 @@ The tuned model is the base with the adapter; the base is the same model inside
 `disable_adapter()`, so both sides share the 4-bit weights, dtype and batching exactly.
 Metrics: loss and perplexity on response tokens, and format adherence of greedy answers (the answer
 ends with EOS before `eval.max_new_tokens` and does not open a new turn of `tokenize.template`).
+
+Stage `score`: the same metrics for one standalone model folder (a merged model), with its own
+tokenizer, in the precision it was saved in. The promotion gate scores the candidate and the champion
+this way on the same held-out set; a model's score is cached by its key like any stage output.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pandas as pd
 from finetune.config import EvalConfig, QuantConfig, TokenizeConfig
 from finetune.stage import Hooks, Stage
 from finetune.template import PromptFormat
-from finetune.tokenization import IGNORE_INDEX, load_tokenizer
+from finetune.tokenization import IGNORE_INDEX, encode_split, load_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,3 +134,33 @@ def _evaluate(inputs: EvaluateInputs, key: str, out: Path, hooks: Hooks) -> dict
 
 
 evaluate_adapter = Stage("evaluate", EvaluateInputs, _evaluate, __name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreInputs:
+    model_dir: Path  # a standalone model folder with its tokenizer: merge's model/, or the champion
+    prepared_dir: Path  # output of prepare: the held-out pairs
+    tokenize: TokenizeConfig  # template, max_length and loss_on, applied with the model's own tokenizer
+    eval: EvalConfig
+
+
+def _score(inputs: ScoreInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Write metrics.json (loss, perplexity, format adherence, mean new tokens) and samples.jsonl."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling import device_name
+
+    tokenizer = load_tokenizer(Path(inputs.model_dir))
+    eval_rows = pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet")
+    eval_tokens, _, _ = encode_split(tokenizer, eval_rows, inputs.tokenize)
+    model = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype="auto").to(device_name())
+    metrics, texts = _side(model, tokenizer, eval_tokens, PromptFormat(inputs.tokenize.template), list(eval_rows.instruction), inputs.eval)
+    metrics["examples"] = len(eval_rows)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    samples = [{"instruction": i, "reference": r, "answer": t} for i, r, t in zip(eval_rows.instruction, eval_rows.response, texts)]
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    hooks.logger.info("held-out loss %s, format adherence %s", metrics["loss"], metrics["format_adherence"])
+    return {"loss": metrics["loss"], "format_adherence": metrics["format_adherence"]}
+
+
+score_model = Stage("score", ScoreInputs, _score, __name__)

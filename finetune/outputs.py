@@ -50,10 +50,15 @@ def is_complete(output_dir: Path) -> bool:
 
 
 def fingerprint(path: Path) -> str:
-    """What a stage key sees of one input: an upstream output's key, else the bytes under the path."""
+    """What a stage key sees of one input: an upstream output's key (or a folder inside one), else the
+    bytes under the path."""
+    path = Path(path).resolve()  # a link (the champion) counts as what it points to
     manifest = read_manifest(path)
     if manifest is not None:
         return f"output:{manifest['stage']}:{manifest['key']}"
+    manifest = read_manifest(path.parent)  # a folder inside an output, such as merge's model/
+    if manifest is not None:
+        return f"output:{manifest['stage']}:{manifest['key']}/{path.name}"
     if path.is_file():
         return f"file:{file_digest(path)}"
     if path.is_dir():

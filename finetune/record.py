@@ -19,7 +19,6 @@ from typing import Any
 from finetune.config import FinetuneConfig, dump_config
 from finetune.outputs import read_manifest, write_text_atomic
 
-STAGES = ("prepare", "resolve_model", "tokenize", "train", "evaluate", "merge")
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "prefect", "pandera", "pandas")
 
 
@@ -66,6 +65,7 @@ class RunRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
+    promotion: dict[str, Any] | None = None  # the gate's decision, with the numbers it compared
     environment: dict[str, Any] = field(default_factory=lambda: {"versions": versions(), "hardware": hardware()})
 
     @classmethod
@@ -130,6 +130,7 @@ class RunRecord:
             "started_at": self.started_at,
             "seconds": round(time.monotonic() - self.started, 2),
             "stages": self.stages,
+            "promotion": self.promotion,
             "metrics": self.metrics(),
             **self.environment,
         }
@@ -151,6 +152,18 @@ class RunRecord:
 
 def _gib(value: int | None) -> str:
     return f"{value / 2**30:.2f} GiB" if value else "-"
+
+
+def promotion_markdown(decision: dict[str, Any]) -> str:
+    """The gate's decision as a small markdown section: verdict, reason, and the two models' numbers."""
+    lines = [f"## Promotion: **{decision['decision']}**", "", decision["reason"], ""]
+    candidate, champion = decision.get("candidate") or {}, decision.get("champion") or {}
+    if candidate:
+        lines += ["| held-out | candidate | champion |", "|---|---:|---:|"]
+        lines += [f"| {name.replace('_', ' ')} | {candidate.get(name, '-')} | {champion.get(name, '-')} |" for name in ("loss", "format_adherence")]
+        lines.append("")
+    lines.append(f"Champion before this run: `{decision.get('champion_dir') or 'none'}`")
+    return "\n".join(lines) + "\n"
 
 
 def run_card(record: dict[str, Any]) -> str:
@@ -183,4 +196,6 @@ def run_card(record: dict[str, Any]) -> str:
         f"| perplexity | {m.get('eval_perplexity_base')} | {m.get('eval_perplexity_tuned')} |",
         f"| format adherence | {m.get('format_adherence_base')} | {m.get('format_adherence_tuned')} |",
     ]
+    if record.get("promotion"):
+        lines += ["", promotion_markdown(record["promotion"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

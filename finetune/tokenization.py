@@ -62,7 +62,7 @@ def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[
     return {**example, "input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}, None
 
 
-def _encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
+def encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
     kept_rows, rejected, lengths, truncated = [], [], [], 0
     for row in frame.itertuples():
         example = encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on)
@@ -97,7 +97,7 @@ def _tokenize(inputs: TokenizeInputs, key: str, out: Path, hooks: Hooks) -> dict
     stats, rejected = {}, []
     for split in ("train", "eval"):
         frame = pd.read_parquet(Path(inputs.prepared_dir) / f"{split}.parquet")
-        encoded, stats[split], split_rejects = _encode_split(tokenizer, frame, inputs.tokenize)
+        encoded, stats[split], split_rejects = encode_split(tokenizer, frame, inputs.tokenize)
         rejected += [{**r, "split": split} for r in split_rejects]
         if encoded.empty:
             first = split_rejects[0]

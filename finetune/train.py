@@ -158,6 +158,7 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     resume_from = newest_intact_checkpoint(work_dir, hooks.logger)
     if resume_from is not None:
         hooks.logger.info("resuming from %s", resume_from.name)
+    trained_from = time.time()
     train_seconds = _fit(trainer, resume_from)
     if train_seconds is None:  # out of memory: free it before raising, the retry runs in this process
         step = trainer.state.global_step
@@ -179,6 +180,8 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         "peak_memory_bytes": int(peak),
         "peak_memory_kind": peak_kind,
         "stage_seconds": round(time.monotonic() - started, 1),
+        "trained_from": round(trained_from, 3),  # unix time: when this process trained, for schedules and audits
+        "trained_until": round(time.time(), 3),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "load_in_4bit": inputs.quant.load_in_4bit,
         "device": device_name(),

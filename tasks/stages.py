@@ -1,4 +1,5 @@
-"""The six stages as Prefect tasks, made by one factory: name, cache policy, retries, logs, progress.
+"""The stages as Prefect tasks, made by one factory: name, cache policy, retries, logs, progress, and
+a concurrency slot where one run at a time should hold the hardware.
 
 The logic is in finetune/; a task only runs a stage with Prefect's logger and, for long stages, a
 progress artifact.
@@ -12,10 +13,11 @@ from typing import Generic, TypeVar
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from finetune.evaluate import evaluate_adapter
+from finetune.evaluate import evaluate_adapter, score_model
 from finetune.merge import merge_adapter
 from finetune.prepare import prepare_dataset
 from finetune.resolve import resolve_model
@@ -25,6 +27,9 @@ from finetune.train import train_adapter
 from tasks.caching import RESULT_STORAGE, StageCache, retry_unless_permanent
 
 Inputs = TypeVar("Inputs")
+# Global concurrency limit held while training: `make deploy` creates it with limit 1, so two runs on one
+# machine never train at once. Where it does not exist (ephemeral mode), Prefect skips it.
+TRAINING_SLOT = "finetune-training"
 
 
 def _progress_reporter(artifact_key: str, description: str):
@@ -49,16 +54,19 @@ class StageTask(Generic[Inputs]):
     stage: Stage[Inputs]
     task: Task
 
-    def __call__(self, inputs: Inputs, root: Path) -> State:
+    def __call__(self, inputs: Inputs, root: Path, name: str | None = None) -> State:
+        """Run the stage's task; `name` labels a second use of one stage in a run (score_champion)."""
         key = self.stage.key(inputs)
-        return self.task(inputs, Path(root), key, return_state=True)
+        run = self.task if name in (None, self.stage.name) else self.task.with_options(task_run_name=name)
+        return run(inputs, Path(root), key, return_state=True)
 
 
 def stage_task(
     stage: Stage[Inputs], retries: int = 0, retry_delay_seconds: list[float] | None = None,
-    progress: tuple[str, str] | None = None,
+    progress: tuple[str, str] | None = None, slot: str | None = None,
 ) -> StageTask[Inputs]:  # fmt: skip
-    """`progress`: (artifact key, description) of a progress artifact the stage keeps up to date."""
+    """`progress`: (artifact key, description) of a progress artifact the stage keeps up to date;
+    `slot`: a global concurrency limit to hold while the stage runs (not while it is served from cache)."""
 
     @task(
         name=stage.name,
@@ -73,7 +81,10 @@ def stage_task(
         hooks = Hooks(logger=get_run_logger())
         if progress is not None:
             hooks = Hooks(logger=hooks.logger, progress=_progress_reporter(*progress))
-        return stage(inputs, root, key=key, hooks=hooks)
+        if slot is None:
+            return stage(inputs, root, key=key, hooks=hooks)
+        with concurrency(slot, occupy=1):
+            return stage(inputs, root, key=key, hooks=hooks)
 
     return StageTask(stage, run)
 
@@ -83,7 +94,8 @@ resolve_model_task = stage_task(resolve_model, retries=2, retry_delay_seconds=[5
 tokenize_task = stage_task(tokenize_dataset)
 train_task = stage_task(
     train_adapter, retries=2, retry_delay_seconds=[10, 60],
-    progress=("training-progress", "Optimizer steps done, in %"),
+    progress=("training-progress", "Optimizer steps done, in %"), slot=TRAINING_SLOT,
 )  # fmt: skip
 evaluate_task = stage_task(evaluate_adapter, retries=1, retry_delay_seconds=[10])
 merge_task = stage_task(merge_adapter, retries=1, retry_delay_seconds=[10])
+score_task = stage_task(score_model, retries=1, retry_delay_seconds=[10])

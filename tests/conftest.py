@@ -70,6 +70,7 @@ def workspace_overrides(workspace: Path) -> list[str]:
         f"paths.processed_dir={workspace / 'data/processed'}",
         f"paths.output_dir={workspace / 'outputs'}",
         f"paths.runs_dir={workspace / 'runs'}",
+        f"paths.models_dir={workspace / 'models'}",
     ]
 
 

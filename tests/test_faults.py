@@ -70,7 +70,8 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
 
     record = _newest_record(workspace)
     assert _states(record) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
-                               "train": "completed", "evaluate": "completed", "merge": "completed"}  # fmt: skip
+                               "train": "completed", "evaluate": "completed", "merge": "completed",
+                               "score": "completed"}  # fmt: skip
     resumed = record["metrics"]["resumed_from_step"]
     assert 30 <= resumed <= killed_at and resumed % 2 == 0
     assert record["metrics"]["train_steps"] == 52
@@ -124,7 +125,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(workspace, tin
 
 @pytest.fixture
 def run_flow(prefect_server, workspace, tiny_model_dir):
-    from flows.finetune import finetune
+    from flows.finetune_flow import finetune
 
     def run(*extra: str) -> dict:
         return finetune(str(TINY), _overrides(workspace, tiny_model_dir, *extra))
@@ -141,14 +142,14 @@ def test_deleted_output_reruns_that_stage_only(run_flow):
     second = run_flow()
 
     assert _states(second) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "completed",
-                               "train": "cached", "evaluate": "cached", "merge": "cached"}  # fmt: skip
+                               "train": "cached", "evaluate": "cached", "merge": "cached", "score": "cached"}  # fmt: skip
     assert {n: s["key"] for n, s in second["stages"].items()} == {n: s["key"] for n, s in first["stages"].items()}
     assert Path(second["stages"]["tokenize"]["output_dir"], "manifest.json").is_file()
 
 
 def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatch):
     import finetune.evaluate
-    from flows.finetune import StageFailed
+    from flows.finetune_flow import StageFailed
 
     from tasks.stages import evaluate_task
 
@@ -165,7 +166,8 @@ def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatc
     rerun = run_flow()
 
     assert _states(rerun) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
-                              "train": "cached", "evaluate": "completed", "merge": "completed"}  # fmt: skip
+                              "train": "cached", "evaluate": "completed", "merge": "completed",
+                              "score": "completed"}  # fmt: skip
 
 
 def test_two_concurrent_runs_share_one_training(workspace, tiny_model_dir, tmp_path):
@@ -216,7 +218,7 @@ def test_out_of_memory_retry_halves_the_micro_batch(run_flow, monkeypatch):
 def test_nan_loss_fails_at_once_naming_the_step(run_flow, monkeypatch):
     import transformers
 
-    from flows.finetune import StageFailed
+    from flows.finetune_flow import StageFailed
 
     original = transformers.Trainer.training_step
     calls = []

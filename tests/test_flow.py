@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, workspace_overrides
 
-STAGES = ["prepare", "resolve_model", "tokenize", "train", "evaluate", "merge"]
+STAGES = ["prepare", "resolve_model", "tokenize", "train", "evaluate", "merge", "score"]
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -44,7 +45,7 @@ def tiny_overrides(workspace, tiny_model_dir):
 def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_overrides, workspace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.finetune import finetune
+    from flows.finetune_flow import finetune
 
     first = finetune(TINY, tiny_overrides())
 
@@ -79,6 +80,9 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert {name: state for name, state in _task_states(first["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
         STAGES, "Completed"
     )
+    assert first["promotion"]["decision"] == "promoted" and first["promotion"]["reason"] == "no champion yet"
+    assert (workspace / "models" / "champion").resolve() == merged_dir.resolve()
+    assert "Promotion: **promoted**" in artifacts["promotion"].data and "Promotion: **promoted**" in (run_dir / "run_card.md").read_text()
 
     second = finetune(TINY, tiny_overrides())
     assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
@@ -87,18 +91,28 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     )
     assert {name: s["key"] for name, s in second["stages"].items()} == {name: s["key"] for name, s in first["stages"].items()}
     assert second["metrics"] == first["metrics"]
+    assert second["promotion"]["decision"] == "no change"
+    assert len(json.loads((workspace / "models" / "champion.json").read_text())["history"]) == 1
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
 
     third = finetune(TINY, tiny_overrides("lora.r=16"))
     states = {name: s["state"] for name, s in third["stages"].items()}
     assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
-                      "train": "completed", "evaluate": "completed", "merge": "completed"}  # fmt: skip
+                      "train": "completed", "evaluate": "completed", "merge": "completed",
+                      "score": "completed", "score_champion": "cached"}  # fmt: skip
     assert third["stages"]["train"]["key"] != first["stages"]["train"]["key"]
     assert third["metrics"]["trainable_params"] == 2 * first["metrics"]["trainable_params"]
+    gate = third["promotion"]
+    assert gate["champion"]["loss"] == json.loads(Path(third["stages"]["score_champion"]["output_dir"], "metrics.json").read_text())["loss"]
+    champion = json.loads((workspace / "models" / "champion.json").read_text())
+    promoted = gate["decision"] == "promoted"
+    assert len(champion["history"]) == (2 if promoted else 1)
+    expected = third if promoted else first
+    assert (workspace / "models" / "champion").resolve() == Path(expected["stages"]["merge"]["output_dir"], "model").resolve()
 
 
 def test_rejected_rows_are_a_table_artifact(prefect_server, tiny_overrides, workspace):
-    from flows.finetune import finetune
+    from flows.finetune_flow import finetune
 
     (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
 
@@ -111,7 +125,7 @@ def test_rejected_rows_are_a_table_artifact(prefect_server, tiny_overrides, work
 
 
 def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_overrides, workspace):
-    from flows.finetune import StageFailed, finetune
+    from flows.finetune_flow import StageFailed, finetune
 
     (workspace / "data" / "eval" / "heldout.jsonl").write_text("")  # an empty evaluation set
 
@@ -128,7 +142,7 @@ def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_over
 
 def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached(prefect_server, tiny_overrides, monkeypatch):
     from finetune import stage as stage_module
-    from flows.finetune import StageFailed, finetune
+    from flows.finetune_flow import StageFailed, finetune
 
     def broken(module: str) -> str:
         raise RuntimeError(f"cannot read the code of {module}")

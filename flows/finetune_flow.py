@@ -1,4 +1,4 @@
-"""The `finetune` flow: prepare -> resolve_model -> tokenize -> train -> evaluate -> merge.
+"""The `finetune` flow: prepare -> resolve_model -> tokenize -> train -> evaluate -> merge -> score -> promote.
 
 The flow only chains tasks and keeps the run record; each stage's logic is in finetune/<stage>.py.
 Every stage takes one inputs object, built here by keyword from upstream output folders and config
@@ -14,14 +14,16 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from finetune.config import check_hardware, load_config
-from finetune.evaluate import EvaluateInputs
+from finetune.champion import champion_model_dir
+from finetune.config import FinetuneConfig, check_hardware, load_config
+from finetune.evaluate import EvaluateInputs, ScoreInputs
 from finetune.merge import MergeInputs
 from finetune.prepare import PrepareInputs
 from finetune.record import RunRecord
 from finetune.resolve import ResolveInputs
 from finetune.tokenization import TokenizeInputs
 from finetune.train import TrainInputs
+from tasks.promotion import promote_task
 from tasks.reporting import publish_reports
 from tasks.stages import (
     StageTask,
@@ -29,6 +31,7 @@ from tasks.stages import (
     merge_task,
     prepare_task,
     resolve_model_task,
+    score_task,
     tokenize_task,
     train_task,
 )
@@ -44,12 +47,13 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path) -> Path:
-    """Run one stage task and record it; a failure (in the task or in computing its key) ends the run."""
-    name = stage_task.stage.name
+def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path, name: str | None = None) -> Path:
+    """Run one stage task and record it under `name` (the stage's own by default); a failure, in the
+    task or in computing its key, ends the run."""
+    name = name or stage_task.stage.name
     started = time.monotonic()
     try:
-        state = stage_task(inputs, root)
+        state = stage_task(inputs, root, name)
         output_dir = state.result()  # the task's own exception, re-raised, when it failed
     except Exception as error:
         record.stage_done(name, "failed", time.monotonic() - started, None)
@@ -58,6 +62,25 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
         raise StageFailed(name, reason, record.run_dir) from error
     record.stage_done(name, "cached" if state.name == "Cached" else "completed", time.monotonic() - started, output_dir)
     return output_dir
+
+
+def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merged_dir: Path) -> None:
+    """Score the candidate and the champion on the same held-out set, then let the gate decide."""
+    paths = config.paths
+    candidate_dir = merged_dir / "model"
+    score = {"prepared_dir": prepared_dir, "tokenize": config.tokenize, "eval": config.eval}
+    candidate_score = _run_stage(record, score_task, ScoreInputs(model_dir=candidate_dir, **score), paths.output_dir)
+    champion_dir = champion_model_dir(paths.models_dir)
+    champion_score = None
+    if champion_dir is not None and champion_dir.is_dir() and champion_dir.resolve() != candidate_dir.resolve():
+        champion_score = _run_stage(
+            record, score_task, ScoreInputs(model_dir=champion_dir, **score), paths.output_dir, name="score_champion"
+        )
+    try:
+        record.promotion = promote_task(paths.models_dir, candidate_dir, candidate_score, champion_score, config.promote, record.run_name)
+    except Exception as error:
+        publish_reports(record.finish("failed", f"promote: {_first_line(error)}"))
+        raise StageFailed("promote", _first_line(error), record.run_dir) from error
 
 
 @flow(name="finetune", log_prints=True)
@@ -83,9 +106,10 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
         train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,
     ), paths.output_dir)  # fmt: skip
-    _run_stage(record, merge_task, MergeInputs(
+    merged_dir = _run_stage(record, merge_task, MergeInputs(
         train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenize=config.tokenize, merge=config.merge,
     ), paths.output_dir)  # fmt: skip
+    _promote(record, config, prepared_dir, merged_dir)
 
     result = record.finish("completed")
     publish_reports(result)

@@ -1,0 +1,33 @@
+"""The promotion gate as a Prefect task: never cached (it reads and may switch the champion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from finetune.champion import gate
+from finetune.config import PromoteConfig
+from finetune.record import promotion_markdown
+
+
+def _metrics(score_dir: Path | None) -> dict | None:
+    if score_dir is None:
+        return None
+    metrics = json.loads((Path(score_dir) / "metrics.json").read_text(encoding="utf-8"))
+    return {"loss": metrics["loss"], "format_adherence": metrics["format_adherence"]}
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(
+    models_dir: Path, candidate_dir: Path, candidate_score_dir: Path, champion_score_dir: Path | None,
+    cfg: PromoteConfig, run_name: str,
+) -> dict:  # fmt: skip
+    decision = gate(models_dir, candidate_dir, _metrics(candidate_score_dir), _metrics(champion_score_dir), cfg, run_name)
+    get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
+    create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")
+    return decision
