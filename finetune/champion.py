@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from finetune.config import PromoteConfig
 from finetune.outputs import write_text_atomic
 
@@ -66,17 +68,41 @@ def decide(candidate: dict, champion: dict | None, cfg: PromoteConfig) -> tuple[
     return PROMOTED, f"held-out loss {candidate['loss']} vs champion {champion['loss']} (gain {gain:.4f}), format adherence {candidate['format_adherence']} vs {champion['format_adherence']}"
 
 
-def gate(models_dir: Path, candidate_dir: Path, candidate: dict, champion: dict | None, cfg: PromoteConfig, run_name: str) -> dict:
-    """Decide, promote when the candidate wins, and return the decision with its numbers."""
+def _same(a: Path | None, b: Path | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
+
+def gate(
+    models_dir: Path, candidate_dir: Path, candidate: dict, scored_dir: Path | None, champion: dict | None,
+    cfg: PromoteConfig, run_name: str,
+) -> dict:  # fmt: skip
+    """Decide, promote when the candidate wins, and return the decision with its numbers. `champion` is
+    the score of the model in `scored_dir`, the champion when this run looked. Runs that reach the gate
+    together take turns (a file lock), so no promotion is lost from the history."""
     models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(models_dir / ".champion.lock"):
+        return _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name)
+
+
+def _decide_and_promote(
+    models_dir: Path, candidate_dir: Path, candidate: dict, scored_dir: Path | None, champion: dict | None,
+    cfg: PromoteConfig, run_name: str,
+) -> dict:  # fmt: skip
     current = champion_model_dir(models_dir)
-    decision: dict[str, Any] = {"candidate_dir": str(candidate_dir), "champion_dir": str(current) if current else None}
-    if current is not None and Path(candidate_dir).resolve() == current.resolve():
-        return {**decision, "decision": NO_CHANGE, "reason": "the candidate is the champion: nothing changed", "candidate": candidate}
-    verdict, reason = decide(candidate, champion, cfg)
-    if champion is None and current is not None:
-        reason = f"the champion's folder {current} is gone"
-    decision.update(decision=verdict, reason=reason, candidate=candidate, champion=champion, min_loss_gain=cfg.min_loss_gain)
+    decision: dict[str, Any] = {
+        "candidate_dir": str(candidate_dir), "champion_dir": str(current) if current else None,
+        "candidate": candidate, "champion": champion, "min_loss_gain": cfg.min_loss_gain,
+    }  # fmt: skip
+    if current is not None and _same(candidate_dir, current):
+        return {**decision, "decision": NO_CHANGE, "reason": "the candidate is the champion: nothing changed"}
+    if current is not None and not current.is_dir():
+        verdict, reason = PROMOTED, f"the champion's folder {current} is gone"
+    elif not _same(scored_dir, current):  # another run promoted after this one scored the champion
+        verdict, reason = KEPT, f"the champion changed to {current} while this run compared with {scored_dir}; run again to compare"
+    else:
+        verdict, reason = decide(candidate, champion, cfg)
+    decision.update(decision=verdict, reason=reason)
     if verdict == PROMOTED:
         promote(models_dir, {"model_dir": str(Path(candidate_dir).resolve()), "run_name": run_name,
                              "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": candidate,

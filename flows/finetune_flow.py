@@ -71,13 +71,17 @@ def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merg
     score = {"prepared_dir": prepared_dir, "tokenize": config.tokenize, "eval": config.eval}
     candidate_score = _run_stage(record, score_task, ScoreInputs(model_dir=candidate_dir, **score), paths.output_dir)
     champion_dir = champion_model_dir(paths.models_dir)
+    if champion_dir is not None and not champion_dir.is_dir():
+        champion_dir = None  # its folder was deleted: the gate says so and promotes
     champion_score = None
-    if champion_dir is not None and champion_dir.is_dir() and champion_dir.resolve() != candidate_dir.resolve():
+    if champion_dir is not None and champion_dir.resolve() != candidate_dir.resolve():
         champion_score = _run_stage(
             record, score_task, ScoreInputs(model_dir=champion_dir, **score), paths.output_dir, name="score_champion"
         )
     try:
-        record.promotion = promote_task(paths.models_dir, candidate_dir, candidate_score, champion_score, config.promote, record.run_name)
+        record.promotion = promote_task(
+            paths.models_dir, candidate_dir, candidate_score, champion_dir, champion_score, config.promote, record.run_name
+        )
     except Exception as error:
         publish_reports(record.finish("failed", f"promote: {_first_line(error)}"))
         raise StageFailed("promote", _first_line(error), record.run_dir) from error

@@ -24,10 +24,12 @@ def _metrics(score_dir: Path | None) -> dict | None:
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(
-    models_dir: Path, candidate_dir: Path, candidate_score_dir: Path, champion_score_dir: Path | None,
-    cfg: PromoteConfig, run_name: str,
+    models_dir: Path, candidate_dir: Path, candidate_score_dir: Path, champion_dir: Path | None,
+    champion_score_dir: Path | None, cfg: PromoteConfig, run_name: str,
 ) -> dict:  # fmt: skip
-    decision = gate(models_dir, candidate_dir, _metrics(candidate_score_dir), _metrics(champion_score_dir), cfg, run_name)
+    """`champion_score_dir` holds the score of `champion_dir`, the champion when the run looked (or None)."""
+    candidate, champion = _metrics(candidate_score_dir), _metrics(champion_score_dir)
+    decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name)
     get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
     create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")
     return decision

@@ -1,0 +1,103 @@
+"""The promotion gate both ways, and a champion pointer that a kill never leaves half-switched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from finetune.champion import KEPT, NO_CHANGE, PROMOTED, champion_model_dir, decide, gate, read_record
+from finetune.config import PromoteConfig
+from tests.conftest import ROOT
+
+CFG = PromoteConfig(min_loss_gain=0.05)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "expected"),
+    [
+        ({"loss": 2.0, "format_adherence": 1.0}, None, PROMOTED),
+        ({"loss": 2.0, "format_adherence": 1.0}, {"loss": 2.5, "format_adherence": 0.9}, PROMOTED),
+        ({"loss": 2.0, "format_adherence": 1.0}, {"loss": 2.0, "format_adherence": 1.0}, KEPT),  # equal
+        ({"loss": 2.46, "format_adherence": 1.0}, {"loss": 2.5, "format_adherence": 1.0}, KEPT),  # inside the margin
+        ({"loss": 2.6, "format_adherence": 1.0}, {"loss": 2.5, "format_adherence": 1.0}, KEPT),  # worse
+        ({"loss": 2.0, "format_adherence": 0.8}, {"loss": 2.5, "format_adherence": 0.9}, KEPT),  # format fell
+    ],
+)
+def test_decide(candidate, champion, expected):
+    assert decide(candidate, champion, CFG)[0] == expected
+
+
+def _model(tmp_path, name):
+    folder = tmp_path / "outputs" / name / "model"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_gate_promotes_a_better_candidate_and_keeps_the_champion_against_a_worse_one(tmp_path):
+    models, first, second, third = tmp_path / "models", _model(tmp_path, "a"), _model(tmp_path, "b"), _model(tmp_path, "c")
+
+    assert gate(models, first, {"loss": 3.0, "format_adherence": 0.5}, None, None, CFG, "run-1")["decision"] == PROMOTED
+    assert gate(models, first, {"loss": 3.0, "format_adherence": 0.5}, first, None, CFG, "run-2")["decision"] == NO_CHANGE
+    better = gate(models, second, {"loss": 2.0, "format_adherence": 0.9}, first, {"loss": 3.0, "format_adherence": 0.5}, CFG, "run-3")
+    assert better["decision"] == PROMOTED and better["champion_dir"] == str(first)
+    worse = gate(models, third, {"loss": 2.5, "format_adherence": 1.0}, second, {"loss": 2.0, "format_adherence": 0.9}, CFG, "run-4")
+    assert worse["decision"] == KEPT and "gain -0.5000 < promote.min_loss_gain=0.05" in worse["reason"]
+    # A run that compared with an earlier champion (another run promoted meanwhile) does not promote.
+    stale = gate(models, third, {"loss": 0.1, "format_adherence": 1.0}, first, {"loss": 3.0, "format_adherence": 0.5}, CFG, "run-5")
+    assert stale["decision"] == KEPT and "the champion changed" in stale["reason"]
+
+    assert (models / "champion").resolve() == second.resolve()
+    record = read_record(models)
+    assert [entry["run_name"] for entry in record["history"]] == ["run-1", "run-3"]
+    assert record["current"]["model_dir"] == str(second.resolve()) and record["current"]["replaced"] == str(first.resolve())
+
+
+_PROMOTE_THEN_DIE = textwrap.dedent("""\
+    import os, signal, sys
+    from pathlib import Path
+    import finetune.champion as champion
+
+    models, target, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    if step == "before-record":  # killed inside the record's atomic write, before its rename
+        champion.write_text_atomic = lambda path, text: (path.with_name(".partial").write_text(text[:20]), die())
+    else:  # killed after the record, before the link is switched
+        champion._switch_link = die
+    champion.promote(models, {"model_dir": str(target), "run_name": "killed"})
+""")
+
+
+@pytest.mark.parametrize("step", ["before-record", "before-link"])
+def test_a_kill_between_steps_never_leaves_a_half_switched_champion(tmp_path, step):
+    models, old, new = tmp_path / "models", _model(tmp_path, "old"), _model(tmp_path, "new")
+    gate(models, old, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1")
+
+    killed = subprocess.run([sys.executable, "-c", _PROMOTE_THEN_DIE, str(models), str(new), step], cwd=ROOT, env=os.environ)
+    assert killed.returncode == -signal.SIGKILL
+
+    link = models / "champion"
+    assert link.is_symlink() and link.resolve() == old.resolve()  # the link is whole: still the old champion
+    record = json.loads((models / "champion.json").read_text())  # and the record is whole JSON
+    expected = old if step == "before-record" else new
+    assert record["current"]["model_dir"] == str(expected)
+    assert champion_model_dir(models) == expected  # the next gate reads the record and lines the link up
+    assert link.resolve() == expected.resolve()
+
+
+def test_a_deleted_champion_folder_is_replaced(tmp_path):
+    import shutil
+
+    models, first, second = tmp_path / "models", _model(tmp_path, "a"), _model(tmp_path, "b")
+    gate(models, first, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1")
+    shutil.rmtree(first)
+
+    decision = gate(models, second, {"loss": 3.5, "format_adherence": 0.5}, None, None, CFG, "run-2")
+
+    assert decision["decision"] == PROMOTED and "is gone" in decision["reason"]
+    assert (models / "champion").resolve() == second.resolve()

@@ -1,0 +1,177 @@
+"""Scheduled retraining as a user sets it up: `make server`, `make deploy`, `make worker` (real processes,
+a real Prefect server on loopback with its own PREFECT_HOME), then `prefect deployment run` of the
+`nightly-retrain` deployment from prefect.yaml with the tiny config, and `prefect flow-run retry`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, workspace_overrides
+
+pytestmark = pytest.mark.slow
+PREFECT = str(ROOT / ".venv" / "bin" / "prefect")
+DEPLOYMENT = "finetune/nightly-retrain"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def scheduling(tmp_path_factory, tiny_model_dir):
+    """Server, pool, training slot, deployments and a worker, each started the way the README says."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = _start(["make", "-s", "server", f"PREFECT_PORT={port}"], env, home / "server.log")
+    worker = None
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the server did not start: " + (home / "server.log").read_text()[-2000:])
+        deployed = subprocess.run(["make", "-s", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        worker = _start(["make", "-s", "worker"], {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, home / "worker.log")
+        workspace = tmp_path_factory.mktemp("retrain")
+        shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
+        shutil.copytree(ROOT / "data" / "eval", workspace / "data" / "eval")
+        overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"]
+        yield {"env": env, "api": api, "workspace": workspace, "overrides": overrides, "home": home}
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                _stop(process)
+
+
+def _trigger(scheduling: dict, *extra: str) -> str:
+    params = {"config_path": str(ROOT / "configs" / "tiny.yaml"), "overrides": [*scheduling["overrides"], *extra]}
+    started = subprocess.run(
+        [PREFECT, "deployment", "run", DEPLOYMENT, "--params", json.dumps(params)],
+        cwd=ROOT, env=scheduling["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+
+
+def _wait(scheduling: dict, flow_run_id: str, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run = httpx.get(f"{scheduling['api']}/flow_runs/{flow_run_id}", timeout=10).json()
+        if flow_run["state"]["type"] in TERMINAL:
+            return flow_run
+        time.sleep(1)
+    worker_log = (scheduling["home"] / "worker.log").read_text()[-3000:]
+    pytest.fail(f"flow run {flow_run_id} did not finish in {timeout} s; worker log:\n{worker_log}")
+
+
+def _record(scheduling: dict, flow_run_id: str) -> dict:
+    """The newest run record of a flow run (a retried run has one per attempt)."""
+    records = [json.loads(p.read_text()) for p in sorted((scheduling["workspace"] / "runs").glob("*/run.json"))]
+    return [r for r in records if r["flow_run_id"] == flow_run_id][-1]
+
+
+def _states(record: dict) -> dict[str, str]:
+    return {name: stage["state"] for name, stage in record["stages"].items()}
+
+
+def _task_states(scheduling: dict, flow_run_id: str) -> dict[str, str]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = httpx.post(f"{scheduling['api']}/task_runs/filter", json=body, timeout=10).json()
+    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
+
+
+def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_change(scheduling):
+    first_id = _trigger(scheduling)
+    first = _wait(scheduling, first_id)
+
+    assert first["state"]["type"] == "COMPLETED", first["state"]
+    assert first["work_pool_name"] == "finetune-local" and first["infrastructure_pid"]  # run by the worker's process
+    record = _record(scheduling, first_id)
+    assert set(_states(record).values()) == {"completed"}
+    assert record["promotion"]["decision"] == "promoted"
+
+    second_id = _trigger(scheduling)
+    second = _wait(scheduling, second_id)
+
+    assert second["state"]["type"] == "COMPLETED", second["state"]
+    record = _record(scheduling, second_id)
+    assert set(_states(record).values()) == {"cached"} and len(record["stages"]) == 7
+    assert {name: state for name, state in _task_states(scheduling, second_id).items() if name in record["stages"]} == dict.fromkeys(
+        record["stages"], "Cached"
+    )
+    assert record["promotion"]["decision"] == "no change"
+    assert record["seconds"] < 30
+
+
+def test_two_runs_triggered_together_never_train_at_once(scheduling):
+    ids = [_trigger(scheduling, f"train.seed={seed}") for seed in (1, 2)]
+    runs = [_wait(scheduling, flow_run_id) for flow_run_id in ids]
+
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"]
+    records = [_record(scheduling, flow_run_id) for flow_run_id in ids]
+    assert [r["stages"]["train"]["state"] for r in records] == ["completed", "completed"]
+    spans = sorted(
+        (summary["trained_from"], summary["trained_until"])
+        for summary in (json.loads(Path(r["stages"]["train"]["output_dir"], "summary.json").read_text()) for r in records)
+    )
+    assert spans[0][1] <= spans[1][0], spans  # the second training started after the first ended
+    history = json.loads((scheduling["workspace"] / "models" / "champion.json").read_text())["history"]
+    assert len(history) == 1 + sum(r["promotion"]["decision"] == "promoted" for r in records)  # no promotion lost
+
+
+def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(scheduling):
+    outputs = scheduling["workspace"] / "outputs-retry"
+    outputs.mkdir()
+    (outputs / "merge").write_text("a file where merge's folder of outputs belongs")  # merge cannot write
+    flow_run_id = _trigger(scheduling, f"paths.output_dir={outputs}", "train.seed=3")
+    failed = _wait(scheduling, flow_run_id)
+    assert failed["state"]["type"] == "FAILED"
+    record = _record(scheduling, flow_run_id)
+    assert _states(record)["train"] == "completed" and _states(record)["merge"] == "failed"
+    trained = json.loads(Path(record["stages"]["train"]["output_dir"], "summary.json").read_text())["trained_from"]
+
+    (outputs / "merge").unlink()
+    retried = subprocess.run([PREFECT, "flow-run", "retry", flow_run_id], cwd=ROOT, env=scheduling["env"], capture_output=True, text=True)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    done = _wait(scheduling, flow_run_id)
+
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    retry = _record(scheduling, flow_run_id)
+    assert _states(retry) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "train": "cached",
+                              "evaluate": "cached", "merge": "completed", "score": "completed",
+                              "score_champion": "completed"}  # fmt: skip  (the champion's score in this output_dir)
+    summary = json.loads(Path(retry["stages"]["train"]["output_dir"], "summary.json").read_text())
+    assert summary["trained_from"] == trained  # the same training, not a second one
