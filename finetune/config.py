@@ -163,6 +163,11 @@ class ModelConfig(Section):
     revision: str | None = Field(
         None, description="Hub revision; pin a commit hash so a retrain cannot pick up a changed model."
     )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the hub token (for gated models such as Llama 2), read "
+        "by the worker at run time; None takes HF_TOKEN from the environment. The token is never logged or written.",
+    )
 
 
 class QuantConfig(Section):

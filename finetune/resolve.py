@@ -99,21 +99,29 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _download(cfg: ModelConfig, out: Path) -> None:
+def hub_token(cfg: ModelConfig, hooks: Hooks) -> str | None:
+    """The hub token: from the Prefect Secret block `model.token_secret`, else HF_TOKEN, else none."""
+    if cfg.token_secret:
+        hooks.logger.info("hub token from the Prefect Secret block %r", cfg.token_secret)  # the name, never the value
+        return hooks.secret(cfg.token_secret)
+    return os.environ.get("HF_TOKEN")
+
+
+def _download(cfg: ModelConfig, out: Path, token: str | None) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        snapshot_download(
-            cfg.base, revision=cfg.revision, token=os.environ.get("HF_TOKEN"), local_dir=out, allow_patterns=HUB_PATTERNS
-        )
+        snapshot_download(cfg.base, revision=cfg.revision, token=token, local_dir=out, allow_patterns=HUB_PATTERNS)
     except GatedRepoError:
         raise ModelResolutionError(
-            f"model.base={cfg.base}: the model is gated; accept its license on huggingface.co and set HF_TOKEN"
+            f"model.base={cfg.base}: the model is gated; accept its license on huggingface.co and set HF_TOKEN "
+            "or model.token_secret"
         ) from None
     except RepositoryNotFoundError:
         raise ModelResolutionError(
-            f"model.base={cfg.base}: not found on the hub (or private without HF_TOKEN); check the id"
+            f"model.base={cfg.base}: not found on the hub (or private, and the token cannot see it); check the id "
+            "and HF_TOKEN or model.token_secret"
         ) from None
     except (LocalEntryNotFoundError, OSError) as error:
         raise HubUnreachableError(
@@ -138,7 +146,7 @@ def _resolve(inputs: ResolveInputs, key: str, out: Path, hooks: Hooks) -> dict:
     if kind == "builtin":
         _convert_gguf(builtin_gguf_path(cfg.base.removeprefix(BUILTIN_PREFIX)), out)
     elif kind == "hub":
-        _download(cfg, out)
+        _download(cfg, out, hub_token(cfg, hooks))
     else:
         _link_local(Path(cfg.base).expanduser().resolve(), out)
     hooks.logger.info("resolved %s (%s)", cfg.base, kind)

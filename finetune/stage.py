@@ -23,6 +23,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from finetune.config import ConfigError
 from finetune.outputs import build_output, stage_key
 
 Inputs = TypeVar("Inputs")
@@ -33,12 +34,21 @@ def _ignore_progress(share: float) -> None:
     pass
 
 
+def _no_secrets(name: str) -> str:
+    raise ConfigError(
+        f"model.token_secret={name}: Prefect Secret blocks are read inside a Prefect run (finetune run, a "
+        "deployment); calling the stage directly, set HF_TOKEN instead"
+    )
+
+
 @dataclass(frozen=True)
 class Hooks:
-    """How a running stage reports: a logger, and `progress(share done, 0..1)` for long stages."""
+    """How a running stage talks to whoever runs it: a logger, `progress(share done, 0..1)` for long
+    stages, and `secret(name)` for values that must reach the stage but never its key, logs or outputs."""
 
     logger: logging.Logger | logging.LoggerAdapter = field(default_factory=lambda: logging.getLogger("finetune"))
     progress: Callable[[float], None] = _ignore_progress
+    secret: Callable[[str], str] = _no_secrets
 
 
 # (inputs, key, temporary output folder, hooks) -> extra manifest fields. The temporary folder is a

@@ -17,6 +17,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from finetune.config import ConfigError
 from finetune.evaluate import evaluate_adapter, score_model
 from finetune.merge import merge_adapter
 from finetune.prepare import prepare_dataset
@@ -44,6 +45,20 @@ def _progress_reporter(artifact_key: str, description: str):
             update_progress_artifact(artifact_id, 100.0 * share)
 
     return report
+
+
+def _load_secret(name: str) -> str:
+    """The value of the Prefect Secret block `name` (from the server, or the local database)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError:
+        raise ConfigError(
+            f"model.token_secret={name}: no Prefect Secret block of that name; create it in the UI (Blocks) or "
+            f"with Secret(value=...).save({name!r})"
+        ) from None
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -78,9 +93,8 @@ def stage_task(
         persist_result=True,
     )
     def run(inputs: Inputs, root: Path, key: str) -> Path:
-        hooks = Hooks(logger=get_run_logger())
-        if progress is not None:
-            hooks = Hooks(logger=hooks.logger, progress=_progress_reporter(*progress))
+        report = _progress_reporter(*progress) if progress is not None else Hooks().progress
+        hooks = Hooks(logger=get_run_logger(), progress=report, secret=_load_secret)
         if slot is None:
             return stage(inputs, root, key=key, hooks=hooks)
         with concurrency(slot, occupy=1):
