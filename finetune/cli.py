@@ -39,6 +39,8 @@ def _summary(record: dict) -> str:
             f"  held-out loss {m['eval_loss_base']} -> {m['eval_loss_tuned']}; "
             f"format adherence {m['format_adherence_base']} -> {m['format_adherence_tuned']}"
         )
+    if record.get("promotion"):
+        lines.append(f"  promotion: {record['promotion']['decision']} ({record['promotion']['reason']})")
     return "\n".join(lines)
 
 

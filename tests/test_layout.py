@@ -68,3 +68,12 @@ def test_stage_logic_does_not_import_prefect():
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in imported if m.split(".")[0] == "prefect"}, path.name
+
+
+def test_no_flow_file_is_named_like_an_importable_module():
+    """Prefect loads an entrypoint as a script registered under its file name, with flows/ put first on
+    sys.path: a flows/finetune.py would stand in for the package `finetune` in the worker's process."""
+    import importlib.util
+
+    stems = [path.stem for path in (ROOT / "flows").glob("*.py") if path.stem != "__init__"]
+    assert stems and [stem for stem in stems if importlib.util.find_spec(stem) is not None] == []
