@@ -1,4 +1,5 @@
 """`finetune run [--config PATH] [--set key=value ...]`: run the flow once and say where its record is.
+`finetune validate`: the data contract alone. `finetune chat [PROMPT]`: talk to a run's model.
 
 Runs against the Prefect server in PREFECT_API_URL when set, else in Prefect's ephemeral mode.
 """
@@ -20,7 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole pipeline; finished stages come from cache")
     validate = commands.add_parser("validate", help="check the config and the data contract only; print the data report")
-    for command in (run, validate):
+    chat = commands.add_parser("chat", help="talk to a run's model, in the prompt format it was trained on")
+    chat.add_argument("prompt", nargs="?", help="one prompt; without it (and without --file), an interactive loop")
+    chat.add_argument("--run", help="the run's name (default: the latest completed run in paths.runs_dir)")
+    chat.add_argument("--adapter", action="store_true", help="the base with the adapter (4-bit) instead of the merged model")
+    chat.add_argument("--file", type=Path, help="a file of prompts, one per line")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
+    for command in (run, validate, chat):
         command.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG} if present)")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -60,12 +67,24 @@ def _validate(config) -> int:
     return 0
 
 
+def _chat(config, args) -> int:
+    from finetune.chat import ChatError, chat
+
+    try:
+        chat(config.paths.runs_dir, args.run, args.adapter, args.prompt, args.file, args.max_new_tokens)
+    except ChatError as error:
+        print(f"finetune: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         config = load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
-        check_inputs(config)
+        if args.command != "chat":
+            check_inputs(config)
         if args.command == "run":
             check_hardware(config)  # imports torch; validate needs no model
     except ConfigError as error:
@@ -73,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         return _validate(config)
+    if args.command == "chat":
+        return _chat(config, args)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
     from flows.finetune_flow import StageFailed, finetune

@@ -267,8 +267,8 @@ class MergeConfig(Section):
         "the size of float32; bfloat16 keeps float32's range but needs Ampere+ on GPUs, float16 can overflow.",
     )
     parity_max_new_tokens: int = Field(
-        32, ge=1, description="Tokens compared greedily between merged and base+adapter on the eval prompts: "
-        "more catches later drift, costs generation time.",
+        32, ge=1, description="Tokens of base+adapter's greedy answer to each held-out prompt on which the merge "
+        "check compares the merged model's logits: more catches later drift, costs generation time.",
     )
 
 

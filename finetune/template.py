@@ -10,6 +10,7 @@ answer did not start a new turn.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 PLACEHOLDER = "{instruction}"
@@ -53,3 +54,25 @@ class PromptFormat:
         if shaped and before and after and "\n" not in before and "\n" not in after:
             return before, after
         return None
+
+    def chat_template(self, bos_token: str | None) -> str:
+        """A Jinja chat template that renders conversations the way training formatted them, so tools that
+        call `apply_chat_template` (vLLM, Ollama, `transformers chat`) prompt the model as it was trained.
+
+        A user turn is `before + content + after`; an assistant turn is its content and EOS. `after` ends
+        with the response marker, so it follows a user turn that gets an answer (the generation prompt, or
+        the assistant turn after it). `bos_token`: written first, for tokenizers that add it when encoding
+        the training prompt (Llama 2's `<s>`). Training had no system prompt: a system turn is an error.
+        """
+        literal = json.dumps  # a JSON string is a valid Jinja string literal
+        return (
+            (f"{{{{ {literal(bos_token)} }}}}" if bos_token else "")
+            + "{%- for message in messages %}"
+            + "{%- if message['role'] == 'user' %}"
+            + f"{{{{ {literal(self.before)} + message['content'] }}}}"
+            + f"{{%- if not loop.last or add_generation_prompt %}}{{{{ {literal(self.after)} }}}}{{%- endif %}}"
+            + "{%- elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            + "{%- else %}{{ raise_exception('this model was fine-tuned on user and assistant turns only; "
+            + "leave out ' + message['role'] + ' messages') }}"
+            + "{%- endif %}{%- endfor %}"
+        )

@@ -38,6 +38,14 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def set_chat_template(tokenizer, template: str) -> None:
+    """Give `tokenizer` the chat template of `template` (template.PromptFormat.chat_template): rendered and
+    encoded, a user turn with the generation prompt is the training prompt, token for token."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id, *plain]
+    tokenizer.chat_template = PromptFormat(template).chat_template(tokenizer.bos_token if adds_bos else None)
+
+
 def encode_example(tokenizer, template: str, instruction: str, response: str, loss_on: LossOn) -> dict[str, list[int]]:
     prompt_ids = tokenizer(PromptFormat(template).prompt(instruction), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -107,6 +115,8 @@ def _tokenize(inputs: TokenizeInputs, key: str, out: Path, hooks: Hooks) -> dict
         out / "rejected.parquet", index=False
     )
     (out / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    # The prompt format travels with the tokens: train saves it as the adapter's chat template.
+    (out / "format.json").write_text(json.dumps({"template": inputs.tokenize.template}), encoding="utf-8")
     hooks.logger.info("%d training and %d held-out examples, %d rejected", stats["train"]["examples"], stats["eval"]["examples"], len(rejected))
     return {"train_examples": stats["train"]["examples"], "eval_examples": stats["eval"]["examples"]}
 

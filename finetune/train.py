@@ -25,7 +25,7 @@ from finetune.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.errors import PermanentError
 from finetune.outputs import output_dir_for, write_text_atomic
 from finetune.stage import Hooks, Stage
-from finetune.tokenization import load_tokenizer
+from finetune.tokenization import load_tokenizer, set_chat_template
 
 STAGE = "train"
 MICRO_BATCH_NOTE = "micro_batch.json"  # in the checkpoints folder: the micro-batch after an OOM
@@ -168,6 +168,8 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {change}")
 
     trainer.model.save_pretrained(out / "adapter")
+    template = json.loads((Path(inputs.tokenized_dir) / "format.json").read_text(encoding="utf-8"))["template"]
+    set_chat_template(tokenizer, template)  # tools prompt base+adapter the way it was trained
     tokenizer.save_pretrained(out / "adapter")
     (out / "log_history.json").write_text(json.dumps(recipe.loss_history(trainer), indent=2), encoding="utf-8")
     resumed_step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0

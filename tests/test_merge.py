@@ -1,25 +1,112 @@
+"""The merge check trusts correct merges and fails wrong ones, naming the layer and what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
 import torch
 
-from finetune.merge import TIE_MARGIN, compare_logits
+from finetune.config import load_config
+from finetune.merge import MergeInputs, merge_adapter
+from finetune.merge_check import adapter_updates, check_weights
+from finetune.train import train_adapter
+from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+# Thirty times tiny.yaml's learning rate and four times its alpha: an adapter that moves logits a lot.
+HARD = ["train.epochs=2", "train.learning_rate=3e-2", "lora.alpha=128", "merge.dtype=bfloat16", "train.save_every_steps=100"]
 
 
-def _logits(rows):
-    return torch.tensor(rows, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    import shutil
+
+    workspace = tmp_path_factory.mktemp("merge")
+    shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "eval", workspace / "data" / "eval")
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), *HARD])
+    root = workspace / "out"
+    prepared_dir, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+    train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+    inputs = MergeInputs(train_dir=train_dir, model_dir=tiny_model_dir, prepared_dir=prepared_dir, tokenize=config.tokenize, merge=config.merge)
+    return inputs, root
 
 
-def test_rounding_at_a_near_tie_passes():
-    reference = [_logits([[5.0, 4.9, 0.0], [3.0, 0.0, 0.0]])]  # position 0: top-2 margin 0.1
-    merged = [_logits([[4.9, 5.0, 0.0], [2.9, 0.0, 0.1]])]
-    result = compare_logits(reference, merged, TIE_MARGIN["bfloat16"])
-    assert result["top1_disagreements"] == 1
-    assert result["disagreements_beyond_ties"] == 0
-    assert result["passed"]
+def _logit_shift(inputs: MergeInputs) -> float:
+    """Largest change the adapter makes to any logit of a held-out prompt."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(inputs.model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inputs.model_dir), inputs.train_dir / "adapter").eval()
+    ids = tokenizer("### HUMAN:\nWhat is a budget?\n\n### RESPONSE:\n", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    return float((tuned - base).abs().max())
 
 
-def test_a_confident_disagreement_fails():
-    reference = [_logits([[5.0, 1.0, 0.0]])]  # margin 4: base+adapter is sure
-    merged = [_logits([[1.0, 5.0, 0.0]])]  # e.g. an adapter merged with the wrong scale
-    result = compare_logits(reference, merged, TIE_MARGIN["bfloat16"])
-    assert result["disagreements_beyond_ties"] == 1
+def test_a_correct_merge_of_a_strongly_trained_adapter_passes_in_bf16(trained):
+    inputs, root = trained
+    assert _logit_shift(inputs) > 1.0  # twice and more the fixed tie margin (0.5) that failed correct merges
+
+    out = merge_adapter(inputs, root)
+
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["dtype"] == "bfloat16" and check["weights"]["passed"] and check["behaviour"]["passed"]
+    assert check["weights"]["layers"] == 2 * 4  # 2 layers x q/k/v/o
+    assert check["behaviour"]["mean_logit_diff"] <= check["behaviour"]["bar"]
+    assert check["weights"]["error_to_rounding_bound"] < 1.0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def _corrupted(inputs: MergeInputs, how: str, module: str) -> dict[str, torch.Tensor]:
+    """The merged weights as a correct merge makes them, with one layer merged wrongly."""
+    from safetensors.torch import load_file
+
+    base = load_file(inputs.model_dir / "model.safetensors")
+    updates = adapter_updates(inputs.train_dir / "adapter")
+    state = {}
+    for name, update in updates.items():
+        wrong = {"scale": 2 * update, "missing": 0 * update, "transposed": update.T}[how] if name == module else update
+        state[f"{name}.weight"] = (base[f"{name}.weight"].float() + wrong).to(torch.bfloat16)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("scale", "the update is scaled 2x (expected alpha/r once)"),
+        ("missing", "the update is missing (layer not merged)"),
+        ("transposed", "the update is transposed"),
+    ],
+)
+def test_a_wrong_merge_fails_naming_the_layer_and_what_is_wrong(trained, how, message):
+    inputs, _ = trained
+    module = "model.layers.1.self_attn.q_proj"  # square (64 x 64), so a transposed update fits
+
+    result = check_weights(_corrupted(inputs, how, module), inputs.model_dir, inputs.train_dir / "adapter", "bfloat16")
+
     assert not result["passed"]
-    assert result["max_logit_diff"] == 4.0
+    assert result["wrong_layers"] == [f"{module}: {message}"]
+
+
+def test_the_same_weights_merged_correctly_pass(trained):
+    inputs, _ = trained
+    result = check_weights(_corrupted(inputs, "scale", "none"), inputs.model_dir, inputs.train_dir / "adapter", "bfloat16")
+    assert result["passed"] and result["error_to_rounding_bound"] <= 1.0
+
+
+def test_behaviour_beyond_the_dtypes_own_noise_fails():
+    from finetune.merge_check import check_behaviour
+
+    torch.manual_seed(0)
+    exact = [torch.randn(8, 50) for _ in range(3)]
+    rounded = [x + 0.01 * torch.randn_like(x) for x in exact]  # the dtype's noise
+    assert check_behaviour(rounded, [x + 0.01 * torch.randn_like(x) for x in exact], exact)["passed"]
+    wrong = [x + 0.2 * torch.randn_like(x) for x in exact]  # a merged model that computes something else
+    result = check_behaviour(rounded, wrong, exact)
+    assert not result["passed"] and result["mean_logit_diff"] > result["bar"]

@@ -84,3 +84,22 @@ def test_text_files_use_the_template_markers_where_the_template_has_that_shape(t
     frame, rejected = load_rows([tmp_path / "pairs.txt"], DataConfig(), prompt)
     assert rejected == []
     assert list(zip(frame.instruction, frame.response)) == rows
+
+
+@pytest.mark.parametrize("template", [SEED, CHATML])
+def test_the_chat_template_renders_a_user_turn_exactly_as_training_did(tiny_model_dir, template):
+    from finetune.tokenization import set_chat_template
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    set_chat_template(tokenizer, template)
+    message = "Explain machine learning in simple terms."
+
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True)
+
+    trained = tokenizer(PromptFormat(template).prompt(message), add_special_tokens=True)["input_ids"]
+    assert list(rendered["input_ids"]) == trained
+    history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    assert text == PromptFormat(template).prompt("Q1") + "A1" + tokenizer.eos_token + PromptFormat(template).prompt("Q2")
+    with pytest.raises(Exception, match="user and assistant turns only"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenize=False)
