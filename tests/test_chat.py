@@ -89,17 +89,21 @@ def test_finetune_chat_reads_a_file_of_prompts_and_talks_to_the_adapter(finished
 
 
 def test_finetune_chat_says_clearly_when_there_is_no_model(finished_run, tmp_path):
+    from finetune.chat import ChatError, find_run, load_chat_model
+
     _, overrides = finished_run
     result = _chat(overrides, "--run", "no-such-run", "Hi")
     assert result.returncode == 2 and "--run no-such-run: no such run" in result.stderr
+    assert "Traceback" not in result.stderr
 
-    empty = [*overrides, f"paths.runs_dir={tmp_path / 'none'}"]
-    result = _chat(empty, "Hi")
-    assert result.returncode == 2 and "no runs yet; `finetune run` trains a model first" in result.stderr
-
+    with pytest.raises(ChatError, match="no runs yet; `finetune run` trains a model first"):
+        find_run(tmp_path / "none", None)
     failed = tmp_path / "runs" / "20260101-000000-broken"
     failed.mkdir(parents=True)
     (failed / "run.json").write_text(json.dumps({"status": "failed", "stages": {"prepare": {"output_dir": None}}}))
-    result = _chat([*overrides, f"paths.runs_dir={tmp_path / 'runs'}"], "--run", "broken", "Hi")
-    assert result.returncode == 2 and "run 20260101-000000-broken has no merged model" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(ChatError, match="no completed run yet"):
+        find_run(tmp_path / "runs", None)
+    with pytest.raises(ChatError, match="run 20260101-000000-broken has no merged model"):
+        load_chat_model(find_run(tmp_path / "runs", "broken"), adapter=False)
+    with pytest.raises(ChatError, match="has no adapter: its train stage did not complete"):
+        load_chat_model(failed, adapter=True)

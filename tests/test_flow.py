@@ -47,6 +47,8 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
 
     from flows.finetune_flow import finetune
 
+    (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
+
     first = finetune(TINY, tiny_overrides())
 
     assert first["status"] == "completed"
@@ -69,6 +71,10 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert {"run-card", "data-report", "training-loss", "training-progress", "evaluation", "adapter", "merged-model"} <= set(artifacts)
     assert artifacts["training-progress"].data == 100.0
     assert len(json.loads(artifacts["training-loss"].data)) == 13
+    table = json.loads(artifacts["rejected-rows"].data)  # the blank row of extra.jsonl, with file and line
+    assert [(row["stage"], row["source_line"]) for row in table] == [("prepare", "1")]
+    assert table[0]["source_file"].endswith("extra.jsonl")
+    assert table[0]["reason"].startswith("instruction is empty after trimming whitespace")
 
     merged_dir = workspace / "outputs" / "merge" / first["stages"]["merge"]["key"] / "model"
     assert on_disk["stages"]["merge"]["output_dir"] == str(merged_dir.parent.resolve())
@@ -109,19 +115,6 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert len(champion["history"]) == (2 if promoted else 1)
     expected = third if promoted else first
     assert (workspace / "models" / "champion").resolve() == Path(expected["stages"]["merge"]["output_dir"], "model").resolve()
-
-
-def test_rejected_rows_are_a_table_artifact(prefect_server, tiny_overrides, workspace):
-    from flows.finetune_flow import finetune
-
-    (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
-
-    record = finetune(TINY, tiny_overrides())
-
-    table = json.loads(_artifacts(record["flow_run_id"])["rejected-rows"].data)
-    assert [(row["stage"], row["source_line"]) for row in table] == [("prepare", "1")]
-    assert table[0]["source_file"].endswith("extra.jsonl")
-    assert table[0]["reason"].startswith("instruction is empty after trimming whitespace")
 
 
 def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_overrides, workspace):
