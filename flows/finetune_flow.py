@@ -47,6 +47,13 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def _fail(record: RunRecord, name: str, error: BaseException) -> StageFailed:
+    """Finish the record as failed at `name`, publish it, and return the error for the caller to raise."""
+    reason = _first_line(error)
+    publish_reports(record.finish("failed", f"{name}: {reason}"))
+    return StageFailed(name, reason, record.run_dir)
+
+
 def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path, name: str | None = None) -> Path:
     """Run one stage task and record it under `name` (the stage's own by default); a failure, in the
     task or in computing its key, ends the run."""
@@ -57,9 +64,7 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
         output_dir = state.result()  # the task's own exception, re-raised, when it failed
     except Exception as error:
         record.stage_done(name, "failed", time.monotonic() - started, None)
-        reason = _first_line(error)
-        publish_reports(record.finish("failed", f"{name}: {reason}"))
-        raise StageFailed(name, reason, record.run_dir) from error
+        raise _fail(record, name, error) from error
     record.stage_done(name, "cached" if state.name == "Cached" else "completed", time.monotonic() - started, output_dir)
     return output_dir
 
@@ -83,8 +88,7 @@ def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merg
             paths.models_dir, candidate_dir, candidate_score, champion_dir, champion_score, config.promote, record.run_name
         )
     except Exception as error:
-        publish_reports(record.finish("failed", f"promote: {_first_line(error)}"))
-        raise StageFailed("promote", _first_line(error), record.run_dir) from error
+        raise _fail(record, "promote", error) from error
 
 
 @flow(name="finetune", log_prints=True)

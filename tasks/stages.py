@@ -34,15 +34,12 @@ TRAINING_SLOT = "finetune-training"
 
 
 def _progress_reporter(artifact_key: str, description: str):
-    """`progress(share)` that creates the progress artifact on first use and updates it after."""
-    artifact_id = None
+    """`progress(share)` updating a progress artifact created at 0% now, so the UI shows the stage
+    started while the model still loads (minutes for a 7B base)."""
+    artifact_id = create_progress_artifact(0.0, key=artifact_key, description=description)
 
     def report(share: float) -> None:
-        nonlocal artifact_id
-        if artifact_id is None:
-            artifact_id = create_progress_artifact(100.0 * share, key=artifact_key, description=description)
-        else:
-            update_progress_artifact(artifact_id, 100.0 * share)
+        update_progress_artifact(artifact_id, 100.0 * share)
 
     return report
 
