@@ -41,10 +41,10 @@ def _summary(record: dict) -> str:
     for name, stage in record["stages"].items():
         lines.append(f"  {name:<14} {stage['state']:<10} {stage['seconds']:>8.1f} s  {stage['output_dir']}")
     m = record["metrics"]
-    if m.get("eval_loss_tuned") is not None:
+    for name, d in (m.get("eval_differences") or {}).items():
         lines.append(
-            f"  held-out loss {m['eval_loss_base']} -> {m['eval_loss_tuned']}; "
-            f"format adherence {m['format_adherence_base']} -> {m['format_adherence_tuned']}"
+            f"  held-out {name:<16} {d['base']:.3f} -> {d['tuned']:.3f}  difference {d['delta']:+.3f} "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}]" + ("  (interval excludes 0)" if d["excludes_zero"] else "")
         )
     if record.get("promotion"):
         lines.append(f"  promotion: {record['promotion']['decision']} ({record['promotion']['reason']})")

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig, dump_config
-from finetune.outputs import read_manifest, write_text_atomic
+from finetune.outputs import read_manifest, write_bytes_atomic, write_text_atomic
 
+TRAINING_CURVE, EVALUATION_CHART = "training_curve.png", "evaluation.png"  # in the run folder
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "prefect", "pandera", "pandas")
 
 
@@ -47,7 +48,7 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -108,6 +109,10 @@ class RunRecord:
             "eval_perplexity_tuned": tuned.get("perplexity"),
             "format_adherence_base": base.get("format_adherence"),
             "format_adherence_tuned": tuned.get("format_adherence"),
+            "rouge_l_base": base.get("rouge_l"),
+            "rouge_l_tuned": tuned.get("rouge_l"),
+            "eval_examples": evaluation.get("examples"),
+            "eval_differences": evaluation.get("differences"),  # tuned - base with 95% paired bootstrap intervals
             "trainable_params": train.get("trainable_params"),
             "total_params": train.get("total_params"),
             "peak_memory_bytes": train.get("peak_memory_bytes"),
@@ -138,12 +143,22 @@ class RunRecord:
     def save(self) -> None:
         write_text_atomic(self.run_dir / "run.json", json.dumps(self.as_dict(), indent=2))
 
+    def draw(self) -> None:
+        """training_curve.png and evaluation.png in the run folder, from the stage outputs the run has."""
+        from finetune.plots import evaluation_chart, training_curve
+
+        if self.output("train") and (history := _read_json(self.output("train") / "log_history.json")):
+            write_bytes_atomic(self.run_dir / TRAINING_CURVE, training_curve(history))
+        if self.output("evaluate") and (metrics := _read_json(self.output("evaluate") / "metrics.json")).get("differences"):
+            write_bytes_atomic(self.run_dir / EVALUATION_CHART, evaluation_chart(metrics))
+
     def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
         self.status, self.error = status, error
         for stage, name in (("prepare", "data_report.md"), ("evaluate", "evaluation.md")):
             source = self.output(stage)
             if source and (source / "report.md").is_file():
                 shutil.copyfile(source / "report.md", self.run_dir / name)
+        self.draw()
         record = self.as_dict()
         write_text_atomic(self.run_dir / "run_card.md", run_card(record))
         write_text_atomic(self.run_dir / "run.json", json.dumps(record, indent=2))
@@ -164,6 +179,27 @@ def promotion_markdown(decision: dict[str, Any]) -> str:
         lines.append("")
     lines.append(f"Champion before this run: `{decision.get('champion_dir') or 'none'}`")
     return "\n".join(lines) + "\n"
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def held_out_table(m: dict[str, Any]) -> list[str]:
+    """Base, tuned and the difference with its interval (marked * where it excludes 0), as markdown rows."""
+    found = m.get("eval_differences") or {}
+    lines = [
+        f"| held-out ({m.get('eval_examples') or '-'} prompts) | base | tuned | tuned - base [95% interval] |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, label in (("loss", "loss"), ("rouge_l", "ROUGE-L"), ("format_adherence", "format adherence"), ("new_tokens", "answer length (tokens)")):
+        if name in found:
+            d = found[name]
+            mark = " *" if d["excludes_zero"] else ""
+            lines.append(f"| {label} | {d['base']:.3f} | {d['tuned']:.3f} | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{mark} |")
+    if not found:  # a run that stopped before evaluation
+        return [*lines, "| loss | - | - | - |"]
+    return [*lines, "", "\\* the interval excludes 0: the difference is larger than the held-out sample's noise."]
 
 
 def run_card(record: dict[str, Any]) -> str:
@@ -188,13 +224,9 @@ def run_card(record: dict[str, Any]) -> str:
         else "| parameters | - |",
         f"| base in memory | {_gib(m.get('base_memory_bytes_loaded'))} loaded (4-bit) vs {_gib(m.get('base_memory_bytes_16bit'))} in 16-bit |",
         f"| peak training memory | {_gib(m.get('peak_memory_bytes'))} ({m.get('peak_memory_kind') or '-'}) |",
-        f"| optimizer steps | {m.get('train_steps') or '-'} in {m.get('train_seconds') or '-'} s; final loss {m.get('final_train_loss') or '-'} |",
+        f"| optimizer steps | {m.get('train_steps') or '-'} in {_fixed(m.get('train_seconds'), 1)} s; final loss {_fixed(m.get('final_train_loss'), 4)} |",
         "",
-        "| held-out | base | tuned |",
-        "|---|---:|---:|",
-        f"| loss | {m.get('eval_loss_base')} | {m.get('eval_loss_tuned')} |",
-        f"| perplexity | {m.get('eval_perplexity_base')} | {m.get('eval_perplexity_tuned')} |",
-        f"| format adherence | {m.get('format_adherence_base')} | {m.get('format_adherence_tuned')} |",
+        *held_out_table(m),
     ]
     if record.get("promotion"):
         lines += ["", promotion_markdown(record["promotion"]).rstrip("\n")]

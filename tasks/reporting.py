@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,26 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from finetune.record import run_card
+from finetune.record import EVALUATION_CHART, TRAINING_CURVE, run_card
 
 
 def _read(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _image(path: Path, alt: str) -> str:
+    """The PNG inline as a data URI: the UI's markdown artifacts render it, and no file server is needed."""
+    if not path.is_file():
+        return ""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode('ascii')})\n\n"
+
+
+def _loss_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"step": entry["step"], "loss": f"{entry['loss']:.4f}", "learning rate": f"{entry.get('learning_rate', 0.0):.2e}",
+         "gradient norm": f"{entry['grad_norm']:.3f}" if entry.get("grad_norm") is not None else "-"}
+        for entry in log_history
+    ]  # fmt: skip
 
 
 @task(name="publish-reports")
@@ -32,18 +48,24 @@ def publish_reports(record: dict[str, Any]) -> None:
     ]
     if rejected:
         create_table_artifact(rejected, key="rejected-rows", description="Rows left out, with file, line and reason")
+    run_dir = Path(record["run_dir"])
     if "train" in outputs and (text := _read(outputs["train"] / "log_history.json")):
-        rows = [
-            {"step": entry["step"], "loss": round(entry["loss"], 4), "learning_rate": entry.get("learning_rate"),
-             "grad_norm": round(entry["grad_norm"], 4) if entry.get("grad_norm") is not None else None}
-            for entry in json.loads(text)
-        ]  # fmt: skip
-        create_table_artifact(rows, key="training-loss", description="Training loss per optimizer step")
+        history = json.loads(text)
+        create_markdown_artifact(
+            f"# Training curve\n\n{_image(run_dir / TRAINING_CURVE, 'training loss and learning rate per step')}"
+            f"{len(history)} optimizer steps; final loss {history[-1]['loss']:.4f}. Image: `{run_dir / TRAINING_CURVE}`\n",
+            key="training-curve", description="Loss, gradient norm and learning rate per optimizer step",
+        )  # fmt: skip
+        create_table_artifact(_loss_rows(history), key="training-loss", description="Training loss per optimizer step")
         create_link_artifact(
             (outputs["train"] / "adapter").as_uri(), link_text="LoRA adapter", key="adapter", description="Adapter folder"
         )
     if "evaluate" in outputs and (text := _read(outputs["evaluate"] / "report.md")):
-        create_markdown_artifact(text, key="evaluation", description="Held-out metrics, base vs tuned, and samples")
+        title, _, rest = text.partition("\n")
+        create_markdown_artifact(
+            f"{title}\n\n{_image(run_dir / EVALUATION_CHART, 'tuned minus base with 95% intervals')}{rest.lstrip()}",
+            key="evaluation", description="Held-out metrics, base vs tuned with 95% intervals, and samples",
+        )
     if "merge" in outputs:
         create_link_artifact(
             (outputs["merge"] / "model").as_uri(), link_text="Merged model", key="merged-model",

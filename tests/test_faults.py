@@ -156,12 +156,12 @@ def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatc
     def disk_went_away(*args, **kwargs):
         raise OSError("disk went away")
 
-    original = finetune.evaluate.response_loss
-    monkeypatch.setattr(finetune.evaluate, "response_loss", disk_went_away)
+    original = finetune.evaluate.example_losses
+    monkeypatch.setattr(finetune.evaluate, "example_losses", disk_went_away)
     monkeypatch.setattr(evaluate_task.task, "retries", 0)  # fail now instead of after the retry delay
     with pytest.raises(StageFailed, match="stage evaluate failed: disk went away"):
         run_flow()
-    monkeypatch.setattr(finetune.evaluate, "response_loss", original)
+    monkeypatch.setattr(finetune.evaluate, "example_losses", original)
 
     rerun = run_flow()
 

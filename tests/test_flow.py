@@ -59,16 +59,25 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
     assert metrics["eval_loss_base"] is not None and metrics["eval_loss_tuned"] is not None
     assert 0 <= metrics["format_adherence_tuned"] <= 1
+    loss = metrics["eval_differences"]["loss"]  # 13 steps at lr 1e-3 lower every example's loss: the interval says so
+    assert loss["delta"] < 0 and loss["high"] < 0 and loss["excludes_zero"]
+    assert set(metrics["eval_differences"]) == {"loss", "rouge_l", "format_adherence", "new_tokens"}
 
     run_dir = workspace / "runs" / first["run_name"]
     on_disk = json.loads((run_dir / "run.json").read_text())
     assert on_disk["status"] == "completed" and on_disk["flow_run_id"] == first["flow_run_id"]
     assert on_disk["versions"]["prefect"].startswith("3.")
-    assert {"config.yaml", "run.json", "run_card.md", "data_report.md", "evaluation.md"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "run.json", "run_card.md", "data_report.md", "evaluation.md", "training_curve.png", "evaluation.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{loss['delta']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}] *" in (run_dir / "run_card.md").read_text()
     assert "lora:" in (run_dir / "config.yaml").read_text()
 
     artifacts = _artifacts(first["flow_run_id"])
-    assert {"run-card", "data-report", "training-loss", "training-progress", "evaluation", "adapter", "merged-model"} <= set(artifacts)
+    assert {"run-card", "data-report", "training-curve", "training-loss", "training-progress", "evaluation", "adapter", "merged-model"} <= set(artifacts)
+    assert "](data:image/png;base64," in artifacts["training-curve"].data and "](data:image/png;base64," in artifacts["evaluation"].data
+    assert "| loss per response token |" in artifacts["evaluation"].data
     assert artifacts["training-progress"].data == 100.0
     assert len(json.loads(artifacts["training-loss"].data)) == 13
     table = json.loads(artifacts["rejected-rows"].data)  # the blank row of extra.jsonl, with file and line
