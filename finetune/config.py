@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +56,8 @@ Scheduler = Literal[
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # Fields that change where a stage reports, never what it builds: left out of stage keys.
+    not_in_key: ClassVar[frozenset[str]] = frozenset()
 
 
 class LossOn(StrEnum):
@@ -241,6 +243,14 @@ class TrainConfig(Section):
         3, ge=2, description="Checkpoints kept, older ones deleted; at least 2, so a damaged newest has a fallback."
     )
     seed: int = Field(42, description="Seeds data order, dropout and adapter init; change it to measure run-to-run noise.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers the trainer also logs to (install the extra of the same name): tensorboard "
+        "writes under outputs/train/<key>.checkpoints/runs/, mlflow to MLFLOW_TRACKING_URI (./mlruns by default). "
+        "Not part of the train key: turning it on does not retrain, and a cached train stage logs nothing new.",
+    )
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to"})
 
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:
@@ -388,6 +398,17 @@ def hardware_problems(config: FinetuneConfig, cuda: bool, bf16: bool) -> list[st
     return problems
 
 
+def tracking_problems(config: FinetuneConfig) -> list[str]:
+    """One message per tracker in train.report_to whose package is not installed."""
+    from importlib.util import find_spec
+
+    return [
+        f"train.report_to: {name} is not installed; pip install 'qlora-flow[{name}]' or remove it from the list"
+        for name in config.train.report_to
+        if find_spec(name) is None
+    ]
+
+
 def check_hardware(config: FinetuneConfig) -> None:
     """Raise ConfigError listing every hardware problem of `config` on this machine; imports torch."""
     import torch
@@ -395,6 +416,6 @@ def check_hardware(config: FinetuneConfig) -> None:
     cuda = torch.cuda.is_available()
     # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    problems = hardware_problems(config, cuda=cuda, bf16=bf16)
+    problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config)
     if problems:
         raise ConfigError("\n".join(problems))

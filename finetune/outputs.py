@@ -75,7 +75,7 @@ def _key_part(value: Any) -> Any:
     if isinstance(value, Path):
         return fingerprint(value)
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", exclude=set(getattr(value, "not_in_key", ())))
     if isinstance(value, (list, tuple)):
         return [_key_part(item) for item in value]
     if value is None or isinstance(value, (str, int, float, bool)):

@@ -86,7 +86,7 @@ def sft_config(
         save_total_limit=train.save_total_limit,
         seed=train.seed,
         data_seed=train.seed,
-        report_to="none",
+        report_to=list(train.report_to) or "none",
         disable_tqdm=True,  # progress goes to the log instead, one line per step
         dataloader_num_workers=0,
         max_length=None,  # tokenize already enforced tokenize.max_length

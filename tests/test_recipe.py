@@ -1,7 +1,10 @@
-"""The recipe's pure part: the config maps onto TRL's SFTConfig as the seed defines it."""
+"""The recipe: the config maps onto TRL's SFTConfig as the seed defines it, and experiment tracking."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from finetune.config import TrainConfig, load_config
@@ -35,3 +38,36 @@ def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
     assert (args.bf16, args.fp16) == (False, True)
     assert getattr(args, CHECKPOINTING_ARG) is False
     assert str(args.optim.value) == "adamw_torch_fused"
+
+
+@pytest.mark.slow
+def test_tensorboard_tracking_logs_every_step_and_leaves_the_train_key_alone(workspace, tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.train import checkpoints_dir, train_adapter
+    from tests.conftest import tokenized_data, train_inputs, workspace_overrides
+
+    overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", "train.epochs=0.25"]
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "train.report_to=[tensorboard]"])
+    _, tokenized_dir = tokenized_data(config, tiny_model_dir, tmp_path)
+    inputs = train_inputs(config, tokenized_dir, tiny_model_dir)
+    untracked = train_inputs(load_config(ROOT / "configs" / "tiny.yaml", overrides), tokenized_dir, tiny_model_dir)
+    assert train_adapter.key(inputs) == train_adapter.key(untracked)  # where it reports is not what it builds
+
+    out = train_adapter(inputs, tmp_path)
+
+    steps = [entry["step"] for entry in json.loads((out / "log_history.json").read_text())]
+    (events,) = {path.parent for path in checkpoints_dir(tmp_path, out.name).glob("runs/*/events.out.tfevents.*")}
+    logged = EventAccumulator(str(events)).Reload().Scalars("train/loss")
+    assert [event.step for event in logged] == steps and len(steps) == 4
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_extra():
+    from importlib.util import find_spec
+
+    from finetune.config import tracking_problems
+
+    config = load_config(None, ["train.report_to=[tensorboard, mlflow]"])
+
+    expected = [] if find_spec("mlflow") else ["train.report_to: mlflow is not installed; pip install 'qlora-flow[mlflow]' or remove it from the list"]
+    assert tracking_problems(config) == expected  # tensorboard comes with the dev extra
