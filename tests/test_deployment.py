@@ -113,9 +113,15 @@ def _task_states(scheduling: dict, flow_run_id: str) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
 
 
-def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_change(scheduling):
-    first_id = _trigger(scheduling)
-    first = _wait(scheduling, first_id)
+@pytest.fixture(scope="module")
+def first_run(scheduling) -> tuple[str, dict]:
+    """(id, flow run) of the first deployment run: it trains, and is the one the browser looks at."""
+    flow_run_id = _trigger(scheduling)
+    return flow_run_id, _wait(scheduling, flow_run_id)
+
+
+def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_change(scheduling, first_run):
+    first_id, first = first_run
 
     assert first["state"]["type"] == "COMPLETED", first["state"]
     assert first["work_pool_name"] == "finetune-local" and first["infrastructure_pid"]  # run by the worker's process
@@ -175,3 +181,56 @@ def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(
                               "score_champion": "completed"}  # fmt: skip  (the champion's score in this output_dir)
     summary = json.loads(Path(retry["stages"]["train"]["output_dir"], "summary.json").read_text())
     assert summary["trained_from"] == trained  # the same training, not a second one
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        if os.environ.get("FINETUNE_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.mark.browser
+def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, first_run, tmp_path):
+    """What a person checks in the Prefect UI, in headless Chromium: the run completed, the run card
+    carries run.json's numbers, the evaluation shows its interval row, and the training curve loaded."""
+    from playwright.sync_api import expect, sync_playwright
+
+    flow_run_id, _ = first_run
+    record = _record(scheduling, flow_run_id)
+    loss = record["metrics"]["eval_differences"]["loss"]
+    ui = scheduling["api"].removesuffix("/api")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+
+        def open_artifact(key: str) -> None:
+            page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+            page.get_by_text("Artifacts", exact=True).click()
+            page.get_by_text(key, exact=True).first.click()
+            page.wait_for_url("**/artifacts/artifact/**")
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=tmp_path / f"{key}.png", full_page=True)
+
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        expect(page.get_by_text("Completed").first).to_be_visible()
+        page.screenshot(path=tmp_path / "flow-run.png", full_page=True)
+
+        open_artifact("run-card")
+        expect(page.get_by_text(record["stages"]["train"]["key"])).to_be_visible()  # the train key from run.json
+        expect(page.get_by_text(f"{loss['delta']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}]").first).to_be_visible()
+
+        open_artifact("evaluation")
+        row = page.get_by_role("row").filter(has_text="loss per response token")
+        expect(row).to_contain_text(f"[{loss['low']:+.3f}, {loss['high']:+.3f}]")
+
+        open_artifact("training-curve")
+        curve = page.get_by_role("img", name="training loss and learning rate per step")
+        expect(curve).to_be_visible()
+        assert curve.evaluate("image => image.complete && image.naturalWidth") > 0
+        browser.close()
