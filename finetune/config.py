@@ -232,8 +232,17 @@ class TrainConfig(Section):
         "spikes, and both need CUDA; adafactor and sgd keep less state but need "
         "more tuning; lion keeps one state and wants a ~3-10x lower learning rate.",
     )
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    recipe: Literal["fast", "seed"] = Field(
+        "fast",
+        description="How each optimizer step is computed; both optimize the same thing (the same examples per step, "
+        "the loss over the same tokens, the same steps). fast: one padding-free micro-batch of batch_size x "
+        "grad_accum examples (sequences laid end to end, attention kept inside each), no recomputation. seed: the "
+        "seed recipe's loop as written, grad_accum padded micro-batches of batch_size, with gradient checkpointing.",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass: less memory, slower. null: the recipe's own (seed: "
+        "on, fast: off); true with recipe fast is the low-memory mode for small GPUs.",
     )
     save_every_steps: int = Field(
         13, ge=1, description="Checkpoint interval in optimizer steps: a crash loses at most this many "
@@ -251,6 +260,18 @@ class TrainConfig(Section):
     )
 
     not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to"})
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed: the explicit setting, else the recipe's default."""
+        return self.recipe == "seed" if self.gradient_checkpointing is None else self.gradient_checkpointing
+
+    @property
+    def step_shape(self) -> tuple[int, int]:
+        """(examples per micro-batch, micro-batches per optimizer step) that the recipe starts from."""
+        if self.recipe == "fast":
+            return self.batch_size * self.grad_accum, 1
+        return self.batch_size, self.grad_accum
 
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:

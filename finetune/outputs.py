@@ -30,11 +30,37 @@ MANIFEST = "manifest.json"
 KEY_LENGTH = 16  # hex digits of sha256 kept in folder names: 64 bits, no collision in practice
 
 
+DIGEST_CACHE_MIN_BYTES = 16 << 20  # smaller files hash in milliseconds: not worth an entry
+
+
+def digest_cache_dir() -> Path:
+    """Where digests of large files are remembered: $FINETUNE_CACHE_DIR, else ~/.cache/qlora-flow/digests."""
+    configured = os.environ.get("FINETUNE_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "qlora-flow" / "digests"
+
+
 def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes. A large file's digest is remembered under its device, inode, size,
+    mtime and ctime: a write changes the ctime (which no user call can set back), so a changed file is
+    read again, and an unchanged 13 GB model folder is not read on every run."""
+    stat = path.stat()
+    entry = None
+    if stat.st_size >= DIGEST_CACHE_MIN_BYTES:
+        identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+        entry = digest_cache_dir() / hashlib.sha256(identity.encode()).hexdigest()
+        try:
+            return entry.read_text(encoding="ascii").strip()
+        except OSError:
+            pass
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    if entry is not None:
+        try:
+            write_text_atomic(entry, digest.hexdigest())
+        except OSError:  # a read-only home: hash again next time
+            pass
     return digest.hexdigest()
 
 

@@ -47,7 +47,7 @@ def load_model_with_lora(model_dir: Path, quant: QuantConfig, lora: LoraConfig, 
     model = load_base(Path(model_dir), quant)
     base_bytes = model.get_memory_footprint()
     if quant.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.checkpointing)
     set_seed(train.seed)  # the adapter's random init happens here, before the Trainer seeds anything
     adapters = PeftLoraConfig(
         r=lora.r,
@@ -75,7 +75,10 @@ def sft_config(
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
         optim=train.optim,
-        **{CHECKPOINTING_ARG: train.gradient_checkpointing},
+        **{CHECKPOINTING_ARG: train.checkpointing},
+        # fast: the micro-batch's sequences laid end to end in one row, with position_ids restarting at each;
+        # transformers' attention masks keep every sequence to itself, TRL masks the label at each start.
+        padding_free=train.recipe == "fast",
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=use_cpu,

@@ -54,11 +54,11 @@ def checkpoints_dir(root: Path, key: str) -> Path:
 
 
 def micro_batch(work_dir: Path, train: TrainConfig) -> tuple[int, int, list[dict]]:
-    """(batch_size, grad_accum, adjustments): the config's, unless an OOM note halved the micro-batch."""
+    """(batch_size, grad_accum, adjustments): the recipe's step shape, unless an OOM note halved the micro-batch."""
     try:
         note = json.loads((work_dir / MICRO_BATCH_NOTE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return train.batch_size, train.grad_accum, []
+        return *train.step_shape, []
     return note["batch_size"], note["grad_accum"], note["adjustments"]
 
 

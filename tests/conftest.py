@@ -48,6 +48,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def builtin_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, resolved once per session (GGUF to safetensors, about 20 s)."""
+    from finetune.config import ModelConfig
+    from finetune.resolve import ResolveInputs, resolve_model
+
+    return resolve_model(ResolveInputs.of(ModelConfig()), tmp_path_factory.mktemp("builtin"))
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 

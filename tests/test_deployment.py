@@ -214,8 +214,7 @@ def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, f
             page.get_by_text("Artifacts", exact=True).click()
             page.get_by_text(key, exact=True).first.click()
             page.wait_for_url("**/artifacts/artifact/**")
-            page.wait_for_load_state("networkidle")
-            page.screenshot(path=tmp_path / f"{key}.png", full_page=True)
+            expect(page.get_by_text("Show raw data")).to_be_visible()  # the artifact page has rendered
 
         page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
         expect(page.get_by_text("Completed").first).to_be_visible()
@@ -224,13 +223,16 @@ def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, f
         open_artifact("run-card")
         expect(page.get_by_text(record["stages"]["train"]["key"])).to_be_visible()  # the train key from run.json
         expect(page.get_by_text(f"{loss['delta']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}]").first).to_be_visible()
+        page.screenshot(path=tmp_path / "run-card.png", full_page=True)
 
         open_artifact("evaluation")
         row = page.get_by_role("row").filter(has_text="loss per response token")
         expect(row).to_contain_text(f"[{loss['low']:+.3f}, {loss['high']:+.3f}]")
+        page.screenshot(path=tmp_path / "evaluation.png", full_page=True)
 
         open_artifact("training-curve")
         curve = page.get_by_role("img", name="training loss and learning rate per step")
         expect(curve).to_be_visible()
         assert curve.evaluate("image => image.complete && image.naturalWidth") > 0
+        page.screenshot(path=tmp_path / "training-curve.png", full_page=True)
         browser.close()

@@ -63,3 +63,24 @@ def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_
     assert failures >= 1 and len(summary["micro_batch_adjustments"]) == failures
     batch, accum = summary["micro_batch"]
     assert batch < 64 and batch * accum == 64
+
+
+def test_low_memory_mode_trains_in_fp16_as_on_a_gpu_without_bf16(workspace, tiny_model_dir):
+    """fp16 compute forced (T4-class GPUs have no bf16) with the fast step and checkpointing on."""
+    import math
+
+    from finetune.config import load_config
+    from finetune.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        *workspace_overrides(workspace), "quant.compute_dtype=float16", "train.gradient_checkpointing=true", "merge.dtype=float16",
+    ])  # fmt: skip
+    root = workspace / "out"
+    _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+    train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+
+    summary = json.loads((train_dir / "summary.json").read_text())
+    assert summary["compute_dtype"] == "float16" and summary["micro_batch"] == [8, 1] and summary["train_steps"] == 13
+    losses = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]

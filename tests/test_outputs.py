@@ -1,4 +1,5 @@
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +92,27 @@ def test_data_config_section_is_part_of_key(tmp_path):
         data: DataConfig
 
     assert stage_key("p", "code", PrepareLike(DataConfig())) != stage_key("p", "code", PrepareLike(DataConfig(max_chars=10)))
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls, page cache included (Linux /proc/self/io)."""
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io to count reads")
+def test_a_large_unchanged_file_is_hashed_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    from finetune.outputs import DIGEST_CACHE_MIN_BYTES, fingerprint
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "digests"))
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(os.urandom(DIGEST_CACHE_MIN_BYTES + 1))
+    first = fingerprint(weights.parent)
+
+    before = _bytes_read()
+    assert fingerprint(weights.parent) == first
+    assert _bytes_read() - before < DIGEST_CACHE_MIN_BYTES // 100  # the digest came from the cache
+
+    with weights.open("r+b") as handle:  # same size, same folder, one byte changed
+        handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
+    assert fingerprint(weights.parent) != first

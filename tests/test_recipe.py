@@ -13,9 +13,10 @@ from tests.conftest import ROOT
 
 
 def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
-    train = load_config(ROOT / "configs" / "default.yaml").train
+    train = load_config(ROOT / "configs" / "default.yaml", ["train.recipe=seed"]).train
+    assert train.step_shape == (1, 4) and train.checkpointing
 
-    args = sft_config(train, tmp_path / "checkpoints", batch_size=1, grad_accum=4, compute_dtype=torch.bfloat16, use_cpu=True)
+    args = sft_config(train, tmp_path / "checkpoints", *train.step_shape, compute_dtype=torch.bfloat16, use_cpu=True)
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 4, 3)
     assert (args.learning_rate, args.max_grad_norm, args.weight_decay) == (2e-4, 0.3, 0.0)
@@ -27,10 +28,23 @@ def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
     assert args.output_dir == str(tmp_path / "checkpoints")
     assert args.logging_steps == 1 and args.logging_nan_inf_filter is False  # every step seen, NaN included
     assert args.max_length is None  # tokenize already enforced tokenize.max_length
+    assert args.padding_free is False
+
+
+def test_the_fast_recipe_takes_the_whole_step_at_once_and_low_memory_recomputes(tmp_path):
+    train = load_config(ROOT / "configs" / "default.yaml").train
+    assert train.recipe == "fast" and train.step_shape == (4, 1) and not train.checkpointing
+
+    args = sft_config(train, tmp_path, *train.step_shape, compute_dtype=torch.bfloat16, use_cpu=True)
+
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.padding_free) == (4, 1, True)
+    assert getattr(args, CHECKPOINTING_ARG) is False
+    low_memory = load_config(ROOT / "configs" / "default.yaml", ["train.gradient_checkpointing=true"]).train
+    assert low_memory.step_shape == (4, 1) and low_memory.checkpointing
 
 
 def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
-    train = TrainConfig(batch_size=4, grad_accum=1, gradient_checkpointing=False, optim="adamw_torch_fused")
+    train = TrainConfig(batch_size=4, grad_accum=1, gradient_checkpointing=False, optim="adamw_torch_fused", recipe="seed")
 
     args = sft_config(train, tmp_path, batch_size=2, grad_accum=2, compute_dtype=torch.float16, use_cpu=False)
 
@@ -71,3 +85,26 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra():
 
     expected = [] if find_spec("mlflow") else ["train.report_to: mlflow is not installed; pip install 'qlora-flow[mlflow]' or remove it from the list"]
     assert tracking_problems(config) == expected  # tensorboard comes with the dev extra
+
+
+@pytest.mark.slow
+def test_the_fast_step_optimizes_what_the_seed_loop_does(builtin_model_dir, workspace, tmp_path):
+    """The embedded model, real weights, the default data and seed: the seed's loop (1 x 4, padded,
+    checkpointing) and the fast step (one padding-free micro-batch of 4) give the same loss at every
+    step. Dropout off, so that both draw nothing at random; fp32, so that the differences left are the
+    order of float additions (a packed row sums in another order than four padded ones)."""
+    from finetune.train import train_adapter
+    from tests.conftest import tokenized_data, train_inputs, workspace_overrides
+
+    common = [*workspace_overrides(workspace), "train.epochs=0.24", "lora.dropout=0", "quant.compute_dtype=float32"]
+    losses = {}
+    for recipe in ("seed", "fast"):
+        config = load_config(ROOT / "configs" / "default.yaml", [*common, f"train.recipe={recipe}"])
+        _, tokenized_dir = tokenized_data(config, builtin_model_dir, tmp_path)
+        out = train_adapter(train_inputs(config, tokenized_dir, builtin_model_dir), tmp_path / recipe)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["micro_batch"] == ([1, 4] if recipe == "seed" else [4, 1])
+        losses[recipe] = [entry["loss"] for entry in json.loads((out / "log_history.json").read_text())]
+
+    assert len(losses["seed"]) == len(losses["fast"]) == 6
+    assert max(abs(a - b) for a, b in zip(losses["seed"], losses["fast"])) < 1e-3, losses

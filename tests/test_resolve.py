@@ -4,12 +4,12 @@ from finetune.config import ModelConfig
 from finetune.resolve import HubUnreachableError, ModelResolutionError, ResolveInputs, resolve_model
 
 
-def test_builtin_model_resolves_to_safetensors_and_generates(tmp_path):
+def test_builtin_model_resolves_to_safetensors_and_generates(builtin_model_dir):
     """The embedded SmolLM2-135M-Instruct, converted from GGUF, answers a question coherently."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = resolve_model(ResolveInputs.of(ModelConfig()), tmp_path)
+    out = builtin_model_dir  # resolve_model(ResolveInputs.of(ModelConfig()), <a session folder>)
 
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "quantization_config" not in (out / "config.json").read_text()
@@ -20,7 +20,7 @@ def test_builtin_model_resolves_to_safetensors_and_generates(tmp_path):
     ids = tokenizer(prompt, return_tensors="pt")
     answer = tokenizer.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer
-    assert resolve_model(ResolveInputs.of(ModelConfig()), tmp_path) == out  # second call: the finished output
+    assert resolve_model(ResolveInputs.of(ModelConfig()), out.parent.parent) == out  # again: the finished output
 
 
 def test_local_folder_is_linked_not_copied(tmp_path, tiny_model_dir):

