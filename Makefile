@@ -32,7 +32,7 @@ demo: venv
 	$(BIN)/finetune run --config configs/default.yaml
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs outputs

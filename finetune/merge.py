@@ -69,7 +69,7 @@ def _failure(weights: dict, behaviour: dict, dtype: str) -> str:
         return f"merge check: {len(weights['wrong_layers'])} of {weights['layers']} adapted layers are wrong in {dtype}: {listed}; nothing was saved"
     return (
         f"merge check: the merged model's logits differ from base+adapter's in fp32 by {behaviour['mean_logit_diff']} "
-        f"on average (largest per position), over the bar {behaviour['bar']} (twice {dtype}'s own noise on the same "
+        f"on average (largest per position), over the bar {behaviour['bar']} (three times {dtype}'s own noise on the same "
         f"tokens, {behaviour['dtype_noise_mean']}); nothing was saved"
     )
 

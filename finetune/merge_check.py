@@ -8,8 +8,8 @@ A layer over SLACK times that bound is wrong, and the message says how: not merg
 
 Behaviour: the merged model's logits (in d) against base+adapter's in fp32, teacher-forced on the
 held-out prompts and base+adapter's greedy answers. The bar is d's own noise on the same tokens: the
-logit difference between base+adapter in d and in fp32, times SLACK (and at least FLOOR), both as the
-mean over positions of the largest difference at each.
+logit difference between base+adapter in d and in fp32, times BEHAVIOUR_SLACK (and at least FLOOR),
+both as the mean over positions of the largest difference at each.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from safetensors import safe_open
 
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
 SLACK = 2.0  # GPUs may reduce 16-bit matmuls in reduced precision (torch's allow_*_reduced_precision_reduction)
+# The merged model rounds W + s*B*A once; base+adapter rounds W and carries s*B*A on a path of its own: two
+# roundings of one fp32 function, whose distances from it differ by up to about 2x between adapters (0.99x
+# on the default run, 2.04x on a tiny model's hard-trained adapter). A wrong merge moves logits by the
+# adapter's whole effect, tens of times the noise. The weights check above is the exact one.
+BEHAVIOUR_SLACK = 3.0
 FLOOR = 1e-3  # logits; fp32 against fp32 differs only by the order of additions
 PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
 
@@ -103,13 +108,13 @@ def _per_position(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 def check_behaviour(reference: list[torch.Tensor], merged: list[torch.Tensor], reference_fp32: list[torch.Tensor]) -> dict:
-    """The merged model (in the merge dtype) against base+adapter in fp32, within SLACK times the
+    """The merged model (in the merge dtype) against base+adapter in fp32, within BEHAVIOUR_SLACK times the
     distance of base+adapter in the merge dtype from the same fp32 logits: both are the fp32 model
     rounded to the dtype, in two orders, and a right merge strays no further than rounding does. The
     mean over positions is compared (a lone position near a rounding flip can reach 3x the other's
     largest; a wrong layer moves every position); the largest are reported."""
     noise, difference = _per_position(reference, reference_fp32), _per_position(merged, reference_fp32)
-    bar = max(SLACK * float(noise.mean()), FLOOR)
+    bar = max(BEHAVIOUR_SLACK * float(noise.mean()), FLOOR)
     agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(reference, merged))
     return {
         "mean_logit_diff": round(float(difference.mean()), 5), "dtype_noise_mean": round(float(noise.mean()), 5),

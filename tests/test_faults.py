@@ -198,20 +198,20 @@ def test_out_of_memory_retry_halves_the_micro_batch(run_flow, monkeypatch):
 
     original = transformers.Trainer.training_step
 
-    def out_of_memory_at_batch_4(self, *args, **kwargs):
-        if self.args.per_device_train_batch_size == 4:
+    def out_of_memory_at_batch_8(self, *args, **kwargs):
+        if self.args.per_device_train_batch_size == 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(transformers.Trainer, "training_step", out_of_memory_at_batch_4)
+    monkeypatch.setattr(transformers.Trainer, "training_step", out_of_memory_at_batch_8)
     monkeypatch.setattr(train_task.task, "retry_delay_seconds", [0, 0])
 
     record = run_flow()
 
     assert record["status"] == "completed"
     metrics = record["metrics"]
-    assert metrics["micro_batch"] == [2, 4]  # tiny.yaml: 4 x 2, the same effective batch of 8
-    assert metrics["micro_batch_adjustments"] == [{"at_step": 0, "from": [4, 2], "to": [2, 4]}]
+    assert metrics["micro_batch"] == [4, 2]  # tiny.yaml: 4 x 2 as one fast step of 8, then the same 8 in two
+    assert metrics["micro_batch_adjustments"] == [{"at_step": 0, "from": [8, 1], "to": [4, 2]}]
     assert metrics["train_steps"] == 13
 
 
@@ -233,4 +233,4 @@ def test_nan_loss_fails_at_once_naming_the_step(run_flow, monkeypatch):
     with pytest.raises(StageFailed, match=r"stage train failed: train: loss is nan at step 3"):
         run_flow()
     assert max(calls) == 2  # stopped at the first bad step, and not retried (a retry would start over)
-    assert len(calls) == 3 * 2  # 3 optimizer steps x 2 micro-batches, once
+    assert len(calls) == 3  # 3 optimizer steps of one micro-batch each, once
