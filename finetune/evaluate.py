@@ -136,8 +136,8 @@ def by_topic(base: pd.DataFrame, tuned: pd.DataFrame, topics: pd.Series, cfg: Ev
     return rows
 
 
-def _number(value: float) -> str:
-    return f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
+def _number(value: float, name: str = "") -> str:
+    return f"{value:.1f}" if name == "new_tokens" or abs(value) >= 100 else f"{value:.3f}"
 
 
 def _interval(found: dict) -> str:
@@ -160,7 +160,7 @@ def _report_markdown(metrics: dict, samples: pd.DataFrame) -> str:
         "| metric | base | tuned | tuned - base [95% interval] |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {LABELS[name]} | {_number(d['base'])} | {_number(d['tuned'])} | {_interval(d)} |" for name, d in found.items()]
+    lines += [f"| {LABELS[name]} | {_number(d['base'], name)} | {_number(d['tuned'], name)} | {_interval(d)} |" for name, d in found.items()]
     if metrics["topics"]:
         lines += ["", "## By topic", "", "| topic | examples | loss base -> tuned | loss difference | ROUGE-L difference | format adherence difference |", "|---|---:|---:|---:|---:|---:|"]
         lines += [

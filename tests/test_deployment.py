@@ -35,13 +35,18 @@ def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+def _stop(*processes: subprocess.Popen | None) -> None:
+    """SIGTERM to every process group at once, SIGKILL to what is still there 10 s later."""
+    running = [p for p in processes if p is not None and p.poll() is None]
+    for process in running:
         os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for process in running:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +76,7 @@ def scheduling(tmp_path_factory, tiny_model_dir):
         overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"]
         yield {"env": env, "api": api, "workspace": workspace, "overrides": overrides, "home": home}
     finally:
-        for process in (worker, server):
-            if process is not None:
-                _stop(process)
+        _stop(worker, server)
 
 
 def _trigger(scheduling: dict, *extra: str) -> str:

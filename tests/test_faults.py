@@ -16,8 +16,8 @@ from finetune.config import load_config
 from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
 TINY = ROOT / "configs" / "tiny.yaml"
-# Two epochs of 26 steps (micro-batch 2 x 2), a checkpoint every 2 steps: resume points in every epoch.
-LONGER = ["train.epochs=2", "train.batch_size=2", "train.grad_accum=2", "train.save_every_steps=2"]
+# Two epochs of 13 steps (8 examples each), a checkpoint every 2 steps: resume points in every epoch.
+LONGER = ["train.epochs=2", "train.save_every_steps=2"]
 # Absolute, per step, resumed vs uninterrupted on the same CPU (losses about 10.8): measured up to 7.2e-5,
 # float noise that grows slowly after the resume; a wrong data order or a lost optimizer state is > 1e-2.
 LOSS_TOLERANCE = 1e-3
@@ -56,9 +56,9 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
     )  # fmt: skip
     killed_at = None
     for line in killed.stdout:
-        if "step " in line and "/52" in line:
+        if "step " in line and "/26" in line:
             step = int(line.split("step ")[1].split("/")[0])
-            if step >= 32:  # second epoch: steps 27..52
+            if step >= 17:  # second epoch: steps 14..26
                 os.killpg(killed.pid, signal.SIGKILL)
                 killed_at = step
                 break
@@ -73,8 +73,8 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
                                "train": "completed", "evaluate": "completed", "merge": "completed",
                                "score": "completed"}  # fmt: skip
     resumed = record["metrics"]["resumed_from_step"]
-    assert 30 <= resumed <= killed_at and resumed % 2 == 0
-    assert record["metrics"]["train_steps"] == 52
+    assert 16 <= resumed <= killed_at and resumed % 2 == 0
+    assert record["metrics"]["train_steps"] == 26
 
     # The same training without interruption, in-process, from the same tokenized data.
     config = load_config(TINY, overrides)
@@ -85,7 +85,7 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
     resumed_dir = Path(record["stages"]["train"]["output_dir"])
     got = {e["step"]: e["loss"] for e in json.loads((resumed_dir / "log_history.json").read_text())}
     after = [step for step in got if step > resumed]
-    assert len(after) == 52 - resumed
+    assert len(after) == 26 - resumed
     assert max(abs(got[s] - expected[s]) for s in after) <= LOSS_TOLERANCE
 
 
@@ -120,7 +120,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(workspace, tin
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 6
-    assert summary["train_steps"] == 52
+    assert summary["train_steps"] == 26
 
 
 @pytest.fixture
