@@ -288,7 +288,10 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(
         96, ge=1, description="Generation limit per held-out prompt; an answer still going at it fails format."
     )
-    batch_size: int = Field(8, ge=1, description="Prompts generated together; memory grows with it.")
+    batch_size: int = Field(
+        32, ge=1, description="Prompts generated together: larger is faster (32 vs 8 halved evaluate on a 2-core CPU); "
+        "memory grows with it.",
+    )
     bootstrap_samples: int = Field(
         2000, ge=100, description="Bootstrap draws behind each 95% interval of a base-to-tuned difference: more "
         "steadies the interval's ends, costs milliseconds.",
