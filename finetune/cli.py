@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import ConfigError, check_hardware, check_inputs, load_config
+from finetune.stats import format_difference
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -43,8 +44,7 @@ def _summary(record: dict) -> str:
     m = record["metrics"]
     for name, d in (m.get("eval_differences") or {}).items():
         lines.append(
-            f"  held-out {name:<16} {d['base']:.3f} -> {d['tuned']:.3f}  difference {d['delta']:+.3f} "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}]" + ("  (interval excludes 0)" if d["excludes_zero"] else "")
+            f"  held-out {name:<16} {d['base']:.3f} -> {d['tuned']:.3f}  difference {format_difference(d)}"
         )
     if record.get("promotion"):
         lines.append(f"  promotion: {record['promotion']['decision']} ({record['promotion']['reason']})")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from finetune.config import EvalConfig, QuantConfig, TokenizeConfig
 from finetune.stage import Hooks, Stage
-from finetune.stats import paired_difference
+from finetune.stats import LABELS, format_difference, paired_difference
 from finetune.template import PromptFormat
 from finetune.tokenization import IGNORE_INDEX, encode_split, load_tokenizer
 
@@ -140,14 +140,6 @@ def _number(value: float, name: str = "") -> str:
     return f"{value:.1f}" if name == "new_tokens" or abs(value) >= 100 else f"{value:.3f}"
 
 
-def _interval(found: dict) -> str:
-    mark = " *" if found["excludes_zero"] else ""
-    return f"{found['delta']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]{mark}"
-
-
-LABELS = {"loss": "loss per response token", "rouge_l": "ROUGE-L F1 vs reference", "format_adherence": "format adherence", "new_tokens": "answer length (tokens)"}
-
-
 def _report_markdown(metrics: dict, samples: pd.DataFrame) -> str:
     found = metrics["differences"]
     lines = [
@@ -160,12 +152,12 @@ def _report_markdown(metrics: dict, samples: pd.DataFrame) -> str:
         "| metric | base | tuned | tuned - base [95% interval] |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {LABELS[name]} | {_number(d['base'], name)} | {_number(d['tuned'], name)} | {_interval(d)} |" for name, d in found.items()]
+    lines += [f"| {LABELS[name]} | {_number(d['base'], name)} | {_number(d['tuned'], name)} | {format_difference(d)} |" for name, d in found.items()]
     if metrics["topics"]:
         lines += ["", "## By topic", "", "| topic | examples | loss base -> tuned | loss difference | ROUGE-L difference | format adherence difference |", "|---|---:|---:|---:|---:|---:|"]
         lines += [
-            f"| {t['topic']} | {t['examples']} | {_number(t['loss']['base'])} -> {_number(t['loss']['tuned'])} | {_interval(t['loss'])} "
-            f"| {_interval(t['rouge_l'])} | {_interval(t['format_adherence'])} |"
+            f"| {t['topic']} | {t['examples']} | {_number(t['loss']['base'])} -> {_number(t['loss']['tuned'])} | {format_difference(t['loss'])} "
+            f"| {format_difference(t['rouge_l'])} | {format_difference(t['format_adherence'])} |"
             for t in metrics["topics"]
         ]
     lines += ["", "## Samples", ""]
@@ -205,7 +197,7 @@ def _evaluate(inputs: EvaluateInputs, key: str, out: Path, hooks: Hooks) -> dict
     samples.to_json(out / "samples.jsonl", orient="records", lines=True, force_ascii=False)
     (out / "report.md").write_text(_report_markdown(metrics, samples.head(5)), encoding="utf-8")
     loss = metrics["differences"]["loss"]
-    hooks.logger.info("held-out loss %.4f -> %.4f (difference %s)", loss["base"], loss["tuned"], _interval(loss))
+    hooks.logger.info("held-out loss %.4f -> %.4f (difference %s)", loss["base"], loss["tuned"], format_difference(loss))
     return {"eval_loss_base": metrics["base"]["loss"], "eval_loss_tuned": metrics["tuned"]["loss"]}
 
 

@@ -12,12 +12,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-LABELS = {
-    "loss": "loss per response token (lower is better)",
-    "rouge_l": "ROUGE-L F1 vs reference",
-    "format_adherence": "format adherence",
-    "new_tokens": "answer length (tokens)",
-}
+from finetune.stats import LABELS
+
 
 
 def _png(figure: Figure) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 
 from finetune.config import FinetuneConfig, dump_config
 from finetune.outputs import read_manifest, write_bytes_atomic, write_text_atomic
+from finetune.stats import LABELS, format_difference
 
 TRAINING_CURVE, EVALUATION_CHART = "training_curve.png", "evaluation.png"  # in the run folder
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "prefect", "pandera", "pandas")
@@ -192,11 +193,8 @@ def held_out_table(m: dict[str, Any]) -> list[str]:
         f"| held-out ({m.get('eval_examples') or '-'} prompts) | base | tuned | tuned - base [95% interval] |",
         "|---|---:|---:|---:|",
     ]
-    for name, label in (("loss", "loss"), ("rouge_l", "ROUGE-L"), ("format_adherence", "format adherence"), ("new_tokens", "answer length (tokens)")):
-        if name in found:
-            d = found[name]
-            mark = " *" if d["excludes_zero"] else ""
-            lines.append(f"| {label} | {d['base']:.3f} | {d['tuned']:.3f} | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{mark} |")
+    for name, d in found.items():
+        lines.append(f"| {LABELS.get(name, name)} | {d['base']:.3f} | {d['tuned']:.3f} | {format_difference(d)} |")
     if not found:  # a run that stopped before evaluation
         return [*lines, "| loss | - | - | - |"]
     return [*lines, "", "\\* the interval excludes 0: the difference is larger than the held-out sample's noise."]

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# What each evaluated difference is called in reports, charts and the run card.
+LABELS = {"loss": "loss per response token", "rouge_l": "ROUGE-L F1 vs reference", "format_adherence": "format adherence",
+          "new_tokens": "answer length (tokens)"}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Difference:
@@ -61,3 +65,9 @@ def paired_difference(
     low, high = np.quantile(deltas, [tail, 1 - tail])
     base_mean, tuned_mean = float(mean(base, weights)), float(mean(tuned, weights))
     return Difference(base_mean, tuned_mean, tuned_mean - base_mean, float(low), float(high))
+
+
+def format_difference(found: dict, digits: int = 3) -> str:
+    """`delta [low, high]` of a `Difference.as_dict()`, signed, with `*` where the interval excludes 0."""
+    mark = " *" if found["excludes_zero"] else ""
+    return f"{found['delta']:+.{digits}f} [{found['low']:+.{digits}f}, {found['high']:+.{digits}f}]{mark}"
