@@ -8,7 +8,9 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 
 - `seed`: the seed recipe as it is written: micro-batches of 1, gradient accumulation 4, gradient
   checkpointing, padded batches (`train.recipe=seed`);
-- `fast`: the default: one padding-free micro-batch of 4 per optimizer step, no checkpointing;
+- `fast`: the default: one micro-batch of 4 per optimizer step, no checkpointing; on CUDA its forward and
+  backward replay a CUDA graph (short examples), elsewhere the row is packed;
+- `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`).
 
 Workloads: `seed` is the project's 104 training pairs, 3 epochs (78 steps); `long` is 2,000 synthetic
@@ -34,7 +36,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"seed": ["train.recipe=seed"], "fast": [], "low_memory": ["train.gradient_checkpointing=true"]}
+RECIPES = {
+    "seed": ["train.recipe=seed"],
+    "fast": [],
+    "fast_eager": ["train.cuda_graphs=false"],
+    "low_memory": ["train.gradient_checkpointing=true"],
+}
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}  # dense bf16, by name fragment (first match)
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
@@ -123,6 +130,7 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
         "peak_memory_gib": round(summary["peak_memory_bytes"] / 2**30, 2),
         "peak_memory_kind": summary["peak_memory_kind"],
         "micro_batch": summary["micro_batch"],
+        "step_layout": summary["step_layout"],
         "mfu": round(flops / summary["train_seconds"] / (peak * 1e12), 4) if peak else None,
         "losses": [round(entry["loss"], 5) for entry in history],
     }

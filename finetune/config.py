@@ -235,9 +235,16 @@ class TrainConfig(Section):
     recipe: Literal["fast", "seed"] = Field(
         "fast",
         description="How each optimizer step is computed; both optimize the same thing (the same examples per step, "
-        "the loss over the same tokens, the same steps). fast: one padding-free micro-batch of batch_size x "
-        "grad_accum examples (sequences laid end to end, attention kept inside each), no recomputation. seed: the "
-        "seed recipe's loop as written, grad_accum padded micro-batches of batch_size, with gradient checkpointing.",
+        "the loss over the same tokens, the same steps). fast: one micro-batch of batch_size x grad_accum examples, "
+        "no recomputation: packed in one row (attention kept inside each example), or on a CUDA GPU padded to one "
+        "static shape and replayed as a CUDA graph; examples too long to pack go one per micro-batch. seed: the seed "
+        "recipe's loop as written, grad_accum padded micro-batches of batch_size, with gradient checkpointing.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="fast recipe on a CUDA GPU: capture the forward and backward once and replay them (short "
+        "examples, one micro-batch per step); several times faster where kernel launches bound the step. false: "
+        "eager steps (a model whose forward cannot be captured also falls back to them, with a warning).",
     )
     gradient_checkpointing: bool | None = Field(
         None,

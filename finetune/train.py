@@ -12,6 +12,7 @@ A NaN or infinite loss stops training at once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -113,14 +114,17 @@ def log_line(step: int, max_steps: int, logs: dict) -> str:
     return "  ".join(parts)
 
 
-def _fit(trainer, resume_from: Path | None) -> float | None:
+def _fit(trainer, resume_from: Path | None, train: TrainConfig) -> float | None:
     """Seconds that `trainer.train()` took, resumed from `resume_from`; None when out of memory."""
     import torch
+
+    from finetune.graphs import attention_kernels
 
     reset_peak_memory()
     started = time.monotonic()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with attention_kernels() if train.recipe == "fast" else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError:
         return None
     return time.monotonic() - started
@@ -147,24 +151,27 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     compute_dtype = pick_compute_dtype(inputs.quant.compute_dtype)
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     dataset = recipe.load_examples(inputs.tokenized_dir)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda")
+    hooks.logger.info("step: %d x %d examples, %s", plan.batch_size, plan.grad_accum, plan.layout)
     model, base_bytes = recipe.load_model_with_lora(inputs.model_dir, inputs.quant, inputs.lora, inputs.train)
-    args = recipe.sft_config(inputs.train, work_dir, batch_size, grad_accum, compute_dtype, device_name() == "cpu")
+    args = recipe.sft_config(inputs.train, work_dir, plan, compute_dtype, device_name() == "cpu")
 
     def on_step(step: int, max_steps: int, logs: dict) -> None:
         hooks.logger.info(log_line(step, max_steps, logs))
         hooks.progress(step / max_steps)
 
-    trainer = recipe.build_trainer(model, tokenizer, dataset, args, recipe.StepWatch(on_step))
+    trainer = recipe.build_trainer(model, tokenizer, dataset, args, recipe.StepWatch(on_step), plan, hooks.logger)
     resume_from = newest_intact_checkpoint(work_dir, hooks.logger)
     if resume_from is not None:
         hooks.logger.info("resuming from %s", resume_from.name)
     trained_from = time.time()
-    train_seconds = _fit(trainer, resume_from)
+    train_seconds = _fit(trainer, resume_from, inputs.train)
     if train_seconds is None:  # out of memory: free it before raising, the retry runs in this process
         step = trainer.state.global_step
         del trainer, model
         _free_memory()
-        change = note_out_of_memory(work_dir, batch_size, grad_accum, adjustments, step)
+        change = note_out_of_memory(work_dir, plan.batch_size, plan.grad_accum, adjustments, step)
         raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {change}")
 
     trainer.model.save_pretrained(out / "adapter")
@@ -176,7 +183,8 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     peak, peak_kind = peak_memory_bytes()
     summary = {
         **recipe.summarize(trainer, dataset, inputs.train, resumed_step, train_seconds),
-        "micro_batch": [batch_size, grad_accum],
+        "micro_batch": [plan.batch_size, plan.grad_accum],
+        "step_layout": "padded" if getattr(trainer, "graph_failed", False) else plan.layout,
         "micro_batch_adjustments": adjustments,
         "base_memory_bytes_loaded": int(base_bytes),
         "peak_memory_bytes": int(peak),

@@ -43,7 +43,10 @@ def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_
     from finetune.train import TrainingOutOfMemory, train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
-    config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), "train.batch_size=64", "train.grad_accum=1", "train.epochs=1"])
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        *workspace_overrides(workspace), "train.batch_size=64", "train.grad_accum=1", "train.epochs=1",
+        "train.recipe=seed", "train.gradient_checkpointing=false",  # micro-batches of 64 as given, not re-planned
+    ])  # fmt: skip
     root = workspace / "out"
     _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
     torch.cuda.set_per_process_memory_fraction(0.25e9 / torch.cuda.get_device_properties(0).total_memory)
@@ -84,3 +87,32 @@ def test_low_memory_mode_trains_in_fp16_as_on_a_gpu_without_bf16(workspace, tiny
     assert summary["compute_dtype"] == "float16" and summary["micro_batch"] == [8, 1] and summary["train_steps"] == 13
     losses = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+
+
+def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_dir):
+    """The fast step replayed from a CUDA graph (static padded rows, no attention mask) against the same
+    step run eagerly as a packed row: dropout off and fp32 compute, so the losses of all 13 steps agree
+    to float rounding; the graph must also have been used, not fallen back."""
+    import gc
+
+    from finetune.config import load_config
+    from finetune.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    losses, layouts = {}, {}
+    before = torch.cuda.memory_allocated()
+    for graphs in ("true", "false"):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=float32", f"train.cuda_graphs={graphs}",
+        ])  # fmt: skip
+        root = workspace / f"graphs-{graphs}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+        layouts[graphs] = json.loads((train_dir / "summary.json").read_text())["step_layout"]
+        losses[graphs] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+        gc.collect()
+        assert torch.cuda.memory_allocated() - before < 2**20  # the graph's memory pool is given back
+
+    assert layouts == {"true": "graphed", "false": "packed"}
+    assert len(losses["true"]) == len(losses["false"]) == 13
+    assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) < 1e-3, losses

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune.config import TrainConfig, load_config
-from finetune.recipe import CHECKPOINTING_ARG, sft_config
+from finetune.recipe import CHECKPOINTING_ARG, PACK_MAX_TOKENS, StepPlan, plan_step, sft_config
 from tests.conftest import ROOT
 
 
@@ -16,7 +16,10 @@ def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
     train = load_config(ROOT / "configs" / "default.yaml", ["train.recipe=seed"]).train
     assert train.step_shape == (1, 4) and train.checkpointing
 
-    args = sft_config(train, tmp_path / "checkpoints", *train.step_shape, compute_dtype=torch.bfloat16, use_cpu=True)
+    plan = plan_step(train, *train.step_shape, lengths=[100] * 104, cuda=True)
+    assert plan == StepPlan(1, 4, "padded")  # the seed's loop everywhere
+
+    args = sft_config(train, tmp_path / "checkpoints", plan, compute_dtype=torch.bfloat16, use_cpu=True)
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 4, 3)
     assert (args.learning_rate, args.max_grad_norm, args.weight_decay) == (2e-4, 0.3, 0.0)
@@ -35,7 +38,8 @@ def test_the_fast_recipe_takes_the_whole_step_at_once_and_low_memory_recomputes(
     train = load_config(ROOT / "configs" / "default.yaml").train
     assert train.recipe == "fast" and train.step_shape == (4, 1) and not train.checkpointing
 
-    args = sft_config(train, tmp_path, *train.step_shape, compute_dtype=torch.bfloat16, use_cpu=True)
+    plan = plan_step(train, *train.step_shape, lengths=[75, 130, 101], cuda=False)
+    args = sft_config(train, tmp_path, plan, compute_dtype=torch.bfloat16, use_cpu=True)
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.padding_free) == (4, 1, True)
     assert getattr(args, CHECKPOINTING_ARG) is False
@@ -43,10 +47,28 @@ def test_the_fast_recipe_takes_the_whole_step_at_once_and_low_memory_recomputes(
     assert low_memory.step_shape == (4, 1) and low_memory.checkpointing
 
 
+def test_the_fast_step_is_graphed_on_cuda_packed_elsewhere_and_one_by_one_when_long():
+    train = load_config(ROOT / "configs" / "default.yaml").train
+    short = [75, 130, 101, 90]
+
+    assert plan_step(train, 4, 1, short, cuda=True) == StepPlan(4, 1, "graphed", static_length=136)
+    assert plan_step(train, 4, 1, short, cuda=False) == StepPlan(4, 1, "packed")
+    assert plan_step(train.model_copy(update={"cuda_graphs": False}), 4, 1, short, cuda=True).layout == "packed"
+    assert plan_step(train, 2, 2, short, cuda=True) == StepPlan(2, 2, "packed")  # after an OOM halving: eager
+    low_memory = train.model_copy(update={"gradient_checkpointing": True})
+    assert plan_step(low_memory, 4, 1, short, cuda=True) == StepPlan(4, 1, "packed")
+    # Examples that do not fit one packed row of PACK_MAX_TOKENS: padded micro-batches within it, the same 4 per step.
+    long = [256, PACK_MAX_TOKENS // 2, PACK_MAX_TOKENS // 2, 300, 900]
+    assert plan_step(train, 4, 1, long, cuda=True) == StepPlan(2, 2, "padded")
+    assert plan_step(train, 4, 1, [*long, PACK_MAX_TOKENS], cuda=False) == StepPlan(1, 4, "padded")
+    many_short = [PACK_MAX_TOKENS // 10] * 64  # 64 per step: 8 rows of 204 fit, 10 would not divide 64
+    assert plan_step(train, 64, 1, many_short, cuda=False) == StepPlan(8, 8, "padded")
+
+
 def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
     train = TrainConfig(batch_size=4, grad_accum=1, gradient_checkpointing=False, optim="adamw_torch_fused", recipe="seed")
 
-    args = sft_config(train, tmp_path, batch_size=2, grad_accum=2, compute_dtype=torch.float16, use_cpu=False)
+    args = sft_config(train, tmp_path, StepPlan(2, 2, "padded"), compute_dtype=torch.float16, use_cpu=False)
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)  # after an OOM halving
     assert (args.bf16, args.fp16) == (False, True)
