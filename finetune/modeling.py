@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def placement() -> str:
+    """Where this process puts the model: its own GPU when it is a rank of a multi-GPU training."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device_name()
 
 
 def pick_compute_dtype(setting: ComputeDtype) -> torch.dtype:
@@ -49,10 +57,10 @@ def load_base(model_dir: Path, quant: QuantConfig):
     kwargs = {"dtype": dtype}
     if quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
-        kwargs["device_map"] = {"": device_name()}  # 4-bit weights are placed while loading
+        kwargs["device_map"] = {"": placement()}  # 4-bit weights are placed while loading
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not quant.load_in_4bit:
-        model.to(device_name())
+        model.to(placement())
     return model
 
 

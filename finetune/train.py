@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -47,6 +48,34 @@ class TrainingOutOfMemory(RuntimeError):
 
 class OutOfMemoryAtSmallestBatch(PermanentError, RuntimeError):
     """Out of GPU memory with a micro-batch of 1: no retry can help."""
+
+
+class GpuCountError(PermanentError, ValueError):
+    """train.num_gpus cannot be met on this machine, or the step does not divide among the GPUs."""
+
+
+def ranks_for(train: TrainConfig) -> int:
+    """How many data-parallel ranks train.num_gpus asks for here (1: train in this process)."""
+    import torch
+
+    available = torch.cuda.device_count()
+    wanted = max(available, 1) if train.num_gpus == "auto" else train.num_gpus
+    if wanted > max(available, 1):
+        raise GpuCountError(f"train.num_gpus={train.num_gpus} but this machine has {available} CUDA GPU(s); set it to at most that, or auto")
+    return wanted
+
+
+def split_step(batch_size: int, grad_accum: int, ranks: int) -> tuple[int, int]:
+    """(batch_size, grad_accum) of each of `ranks` ranks, so that one optimizer step still has
+    batch_size x grad_accum examples in all (the ranks' gradients are averaged)."""
+    if batch_size % ranks == 0:
+        return batch_size // ranks, grad_accum
+    if grad_accum % ranks == 0:
+        return batch_size, grad_accum // ranks
+    raise GpuCountError(
+        f"train.num_gpus: {batch_size * grad_accum} examples per step (train.batch_size x train.grad_accum) do not "
+        f"divide among {ranks} GPUs; change either so that they do, or set train.num_gpus to a divisor"
+    )
 
 
 def checkpoints_dir(root: Path, key: str) -> Path:
@@ -145,14 +174,21 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
 
     started = time.monotonic()
     work_dir = checkpoints_dir(out.parent.parent, key)  # out is <root>/train/.<key>.*.tmp
-    batch_size, grad_accum, adjustments = micro_batch(work_dir, inputs.train)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # above 1: this process is a rank (finetune/distributed.py)
+    if ranks == 1 and (wanted := ranks_for(inputs.train)) > 1:
+        from finetune.distributed import train_on_ranks
+
+        return train_on_ranks(inputs, key, out, hooks, wanted, work_dir)
+    step_batch, step_accum, adjustments = micro_batch(work_dir, inputs.train)
+    batch_size, grad_accum = split_step(step_batch, step_accum, ranks)
     if adjustments:
         hooks.logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", batch_size, grad_accum)
     compute_dtype = pick_compute_dtype(inputs.quant.compute_dtype)
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     dataset = recipe.load_examples(inputs.tokenized_dir)
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda")
+    # CUDA graphs in one process only: DDP's hooks around the forward and backward are not captured.
+    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda" and ranks == 1)
     hooks.logger.info("step: %d x %d examples, %s", plan.batch_size, plan.grad_accum, plan.layout)
     model, base_bytes = recipe.load_model_with_lora(inputs.model_dir, inputs.quant, inputs.lora, inputs.train)
     args = recipe.sft_config(inputs.train, work_dir, plan, compute_dtype, device_name() == "cpu")
@@ -171,8 +207,11 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         step = trainer.state.global_step
         del trainer, model
         _free_memory()
-        change = note_out_of_memory(work_dir, plan.batch_size, plan.grad_accum, adjustments, step)
+        shape = (plan.batch_size, plan.grad_accum) if ranks == 1 else (step_batch, step_accum)  # the whole step's
+        change = note_out_of_memory(work_dir, *shape, adjustments, step)
         raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {change}")
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the output
 
     trainer.model.save_pretrained(out / "adapter")
     template = json.loads((Path(inputs.tokenized_dir) / "format.json").read_text(encoding="utf-8"))["template"]
@@ -184,6 +223,7 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     summary = {
         **recipe.summarize(trainer, dataset, inputs.train, resumed_step, train_seconds),
         "micro_batch": [plan.batch_size, plan.grad_accum],
+        "ranks": ranks,
         "step_layout": "padded" if getattr(trainer, "graph_failed", False) else plan.layout,
         "micro_batch_adjustments": adjustments,
         "base_memory_bytes_loaded": int(base_bytes),

@@ -64,6 +64,21 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny_flow_run(prefect_server, tmp_path_factory, tiny_model_dir) -> tuple[dict, list[str], Path]:
+    """(record, overrides, workspace) of one finished run of the tiny flow on the tiny model, shared by the
+    tests that only read it (test_chat) and test_flow, which goes on from it. Its data has one row that
+    prepare rejects."""
+    from flows.finetune_flow import finetune
+
+    workspace = tmp_path_factory.mktemp("tiny-run")
+    shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "eval", workspace / "data" / "eval")
+    (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
+    overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"]
+    return finetune(str(ROOT / "configs" / "tiny.yaml"), overrides), overrides, workspace
+
+
 @pytest.fixture
 def workspace(tmp_path) -> Path:
     """A copy of the project's data in a fresh folder; outputs and runs go there too."""

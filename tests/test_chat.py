@@ -17,16 +17,9 @@ QUESTION = "Explain machine learning in simple terms."
 
 
 @pytest.fixture(scope="module")
-def finished_run(prefect_server, tmp_path_factory, tiny_model_dir):
-    import shutil
-
-    from flows.finetune_flow import finetune
-
-    workspace = tmp_path_factory.mktemp("chat")
-    shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
-    shutil.copytree(ROOT / "data" / "eval", workspace / "data" / "eval")
-    overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"]
-    return finetune(str(TINY), overrides), overrides
+def finished_run(tiny_flow_run):
+    record, overrides, _ = tiny_flow_run
+    return record, overrides
 
 
 def _chat(overrides: list[str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -36,11 +36,11 @@ def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def _stop(*processes: subprocess.Popen | None) -> None:
-    """SIGTERM to every process group at once, SIGKILL to what is still there 10 s later."""
+    """SIGTERM to every process group at once, SIGKILL to what is still there 5 s later."""
     running = [p for p in processes if p is not None and p.poll() is None]
     for process in running:
         os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     for process in running:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -146,7 +146,7 @@ def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_cha
 
 
 def test_two_runs_triggered_together_never_train_at_once(scheduling):
-    ids = [_trigger(scheduling, f"train.seed={seed}") for seed in (1, 2)]
+    ids = [_trigger(scheduling, f"train.seed={seed}", "train.epochs=0.25") for seed in (1, 2)]  # 4 steps each
     runs = [_wait(scheduling, flow_run_id) for flow_run_id in ids]
 
     assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"]
@@ -165,7 +165,7 @@ def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(
     outputs = scheduling["workspace"] / "outputs-retry"
     outputs.mkdir()
     (outputs / "merge").write_text("a file where merge's folder of outputs belongs")  # merge cannot write
-    flow_run_id = _trigger(scheduling, f"paths.output_dir={outputs}", "train.seed=3")
+    flow_run_id = _trigger(scheduling, f"paths.output_dir={outputs}", "train.seed=3", "train.epochs=0.25")
     failed = _wait(scheduling, flow_run_id)
     assert failed["state"]["type"] == "FAILED"
     record = _record(scheduling, flow_run_id)
@@ -239,3 +239,53 @@ def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, f
         assert curve.evaluate("image => image.complete && image.naturalWidth") > 0
         page.screenshot(path=tmp_path / "training-curve.png", full_page=True)
         browser.close()
+
+
+def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(scheduling):
+    """`make deploy` created the Kubernetes pool from deploy/kubernetes-gpu-job-template.json and the
+    cluster-retrain deployment of prefect.yaml. A flow run of it is rendered into the Job that the
+    Kubernetes worker would submit, the way the worker does (pool template + deployment's job variables,
+    then prepare_for_flow_run): it asks for the GPU, runs the project's image in the code's folder, and
+    mounts the shared volume where every path of the run points. No cluster is needed to render it."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from finetune.config import PathsConfig
+
+    async def render():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("finetune/cluster-retrain")
+            pool = await client.read_work_pool(deployment.work_pool_name)
+            flow_run = await client.create_flow_run_from_deployment(deployment.id)
+            flow = await client.read_flow(deployment.flow_id)
+            values = {**deployment.job_variables, **(flow_run.job_variables or {})}
+            job = await KubernetesWorkerJobConfiguration.from_template_and_values(pool.base_job_template, values, client=client)
+            job.prepare_for_flow_run(flow_run=flow_run, deployment=deployment, flow=flow, work_pool=pool)
+            return deployment, pool, flow_run, job
+
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = scheduling["api"]
+    try:
+        deployment, pool, flow_run, job = asyncio.run(render())
+    finally:
+        os.environ.pop("PREFECT_API_URL") if previous is None else os.environ.update(PREFECT_API_URL=previous)
+
+    assert pool.type == "kubernetes"
+    pod = job.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "qlora-flow:0.1.0"
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1 == int(container["resources"]["requests"]["nvidia.com/gpu"])
+    (volume,) = pod["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "qlora-flow-workspace"
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/workspace"}]
+    assert {"name": "PREFECT__FLOW_RUN_ID", "value": str(flow_run.id)} in container["env"]
+    # Every path the run reads or writes is on the volume, so outputs and cache records outlive the pod.
+    overrides = dict(item.split("=", 1) for item in deployment.parameters["overrides"])
+    assert {key.removeprefix("paths.") for key in overrides} == set(PathsConfig.model_fields)
+    assert all(value.startswith("/workspace/") for value in overrides.values())
+    # The code is where the image puts it (Dockerfile WORKDIR), and the pull step goes there.
+    workdir = re.search(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
+    assert container["workingDir"] == workdir

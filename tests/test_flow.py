@@ -42,14 +42,12 @@ def tiny_overrides(workspace, tiny_model_dir):
     return make
 
 
-def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_overrides, workspace):
+def test_flow_runs_every_stage_then_serves_all_from_cache(tiny_flow_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.finetune_flow import finetune
 
-    (workspace / "data/raw/extra.jsonl").write_text('{"instruction": "   ", "response": "x", "topic": "education"}\n')
-
-    first = finetune(TINY, tiny_overrides())
+    first, overrides, workspace = tiny_flow_run  # the first run; its data has a blank row in extra.jsonl
 
     assert first["status"] == "completed"
     assert list(first["stages"]) == STAGES
@@ -99,7 +97,7 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert (workspace / "models" / "champion").resolve() == merged_dir.resolve()
     assert "Promotion: **promoted**" in artifacts["promotion"].data and "Promotion: **promoted**" in (run_dir / "run_card.md").read_text()
 
-    second = finetune(TINY, tiny_overrides())
+    second = finetune(TINY, overrides)
     assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
     assert {name: state for name, state in _task_states(second["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
         STAGES, "Cached"
@@ -110,7 +108,7 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(prefect_server, tiny_o
     assert len(json.loads((workspace / "models" / "champion.json").read_text())["history"]) == 1
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
 
-    third = finetune(TINY, tiny_overrides("lora.r=16"))
+    third = finetune(TINY, [*overrides, "lora.r=16"])
     states = {name: s["state"] for name, s in third["stages"].items()}
     assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
                       "train": "completed", "evaluate": "completed", "merge": "completed",

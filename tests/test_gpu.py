@@ -116,3 +116,26 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
     assert layouts == {"true": "graphed", "false": "packed"}
     assert len(losses["true"]) == len(losses["false"]) == 13
     assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) < 1e-3, losses
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
+    """train.num_gpus=2: two DDP ranks through accelerate launch, each half of every step; the same
+    steps and, dropout off in fp32, the same losses as one GPU."""
+    from finetune.config import load_config
+    from finetune.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    runs = {}
+    for gpus in (1, 2):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=float32", f"train.num_gpus={gpus}",
+        ])  # fmt: skip
+        root = workspace / f"gpus-{gpus}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+        runs[gpus] = (json.loads((train_dir / "summary.json").read_text()), json.loads((train_dir / "log_history.json").read_text()))
+
+    assert runs[2][0]["ranks"] == 2 and runs[2][0]["micro_batch"] == [4, 1] and runs[1][0]["micro_batch"] == [8, 1]
+    assert len(runs[1][1]) == len(runs[2][1]) == 13
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(runs[1][1], runs[2][1])) < 1e-3
