@@ -1,8 +1,7 @@
 """Stage `train` on several GPUs of one machine: data-parallel (DDP) ranks started by `accelerate launch`.
 
 The train stage calls `train_on_ranks` when `train.num_gpus` asks for more than one GPU. It writes the
-stage's inputs to a spec file and runs `accelerate launch --num_processes N -m finetune.distributed
-<spec>`; each rank loads its own 4-bit base on its own GPU and runs the same train stage code
+stage's inputs to a spec file and runs `accelerate launch --num_processes N -m finetune.rank <spec>`; each rank loads its own 4-bit base on its own GPU and runs the same train stage code
 (finetune/train.py), where the Trainer syncs the adapters' gradients and rank 0 writes the output.
 The ranks split each optimizer step's examples between them, so the global batch and the number of
 steps are the config's whatever N is; checkpoints, and so resuming, are the Trainer's as on one GPU.
@@ -33,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-from finetune.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.errors import PermanentError
 from finetune.stage import Hooks
 
@@ -63,11 +61,11 @@ def _die_with_parent() -> None:
 
 def launch_command(spec: Path, processes: int) -> list[str]:
     # --multi_gpu is accelerate's torchrun launcher; without a GPU the ranks train on the CPU over gloo
-    # (accelerate's --cpu would start one process, or go through MPI).
+    # (accelerate's --cpu would start one process, or go through MPI). Each rank runs finetune/rank.py.
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "finetune.distributed", str(spec),
+        "--dynamo_backend", "no", "-m", "finetune.rank", str(spec),
     ]  # fmt: skip
 
 
@@ -109,10 +107,8 @@ def _failure(errors: list[dict], tail: collections.deque, returncode: int) -> Ra
 def train_on_ranks(inputs, key: str, out: Path, hooks: Hooks, processes: int, work_dir: Path) -> dict:
     """Run the train stage as `processes` DDP ranks; returns rank 0's result (out/summary.json written).
 
-    Raises RankFailed (or RankFailedPermanently) naming the first rank that failed, or
-    TrainingOutOfMemory when a rank ran out of memory (it noted the smaller micro-batch for the retry)."""
-    from finetune.train import TrainingOutOfMemory
-
+    Raises RankFailed (or RankFailedPermanently) naming the first rank that failed; a rank out of memory
+    is a RankFailed too, which the stage's retry answers with the smaller micro-batch the rank noted."""
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = write_spec(work_dir / "ranks.json", inputs, key, out)
     command = launch_command(spec, processes)
@@ -144,8 +140,8 @@ def train_on_ranks(inputs, key: str, out: Path, hooks: Hooks, processes: int, wo
         _stop(launcher)
     if returncode != 0:
         oom = next((error for error in errors if error.get("out_of_memory")), None)
-        if oom is not None:  # the rank noted the smaller micro-batch in work_dir, as one process does
-            raise TrainingOutOfMemory(f"train: rank {oom['rank']} ran out of memory: {oom['error']}")
+        if oom is not None:  # the rank noted the smaller micro-batch in work_dir; a retry uses it
+            raise RankFailed(f"train: rank {oom['rank']} ran out of memory: {oom['error']}")
         raise _failure(errors, tail, returncode)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return {"train_steps": summary["train_steps"], "final_train_loss": summary["final_train_loss"]}
@@ -165,25 +161,27 @@ def _stop(launcher: subprocess.Popen) -> None:
         launcher.wait()
 
 
-# --- inside a rank -------------------------------------------------------------------------------
+# --- used inside a rank (finetune/rank.py) -------------------------------------------------------
 
 
-def _emit(**event) -> None:
+def emit(**event) -> None:
     sys.stdout.write(EVENT + json.dumps(event) + "\n")
     sys.stdout.flush()
 
 
-class _EventHandler(logging.Handler):
+class EventHandler(logging.Handler):
+    """A rank's log records as events: rank 0's from INFO, the others' from WARNING."""
+
     def __init__(self, rank: int):
         super().__init__(logging.INFO if rank == 0 else logging.WARNING)
         self.rank = rank
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        _emit(rank=self.rank, level=record.levelno, log=message if self.rank == 0 else f"[rank {self.rank}] {message}")
+        emit(rank=self.rank, level=record.levelno, log=message if self.rank == 0 else f"[rank {self.rank}] {message}")
 
 
-def _exit_with_launcher() -> None:
+def exit_with_launcher() -> None:
     """Exit if the launcher that started this rank goes away (it cannot stop a rank it no longer knows)."""
     launcher = os.getppid()
 
@@ -194,37 +192,3 @@ def _exit_with_launcher() -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
-
-
-def rank_main(spec_path: Path) -> int:
-    from finetune.train import TrainInputs, TrainingOutOfMemory, _train
-
-    rank = int(os.environ.get("RANK", "0"))
-    _exit_with_launcher()
-    _emit(rank=rank, pid=os.getpid())
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    inputs = TrainInputs(
-        tokenized_dir=Path(spec["tokenized_dir"]),
-        model_dir=Path(spec["model_dir"]),
-        quant=QuantConfig.model_validate(spec["quant"]),
-        lora=LoraConfig.model_validate(spec["lora"]),
-        train=TrainConfig.model_validate(spec["train"]),
-    )
-    logger = logging.getLogger(f"finetune.rank{rank}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    logger.addHandler(_EventHandler(rank))
-    progress = (lambda share: _emit(rank=rank, progress=share)) if rank == 0 else (lambda share: None)
-    try:
-        _train(inputs, spec["key"], Path(spec["out"]), Hooks(logger=logger, progress=progress))
-    except BaseException as error:  # noqa: BLE001 - every failure is reported, then the rank exits non-zero
-        _emit(
-            rank=rank, error=f"{type(error).__name__}: {error}", permanent=isinstance(error, PermanentError),
-            out_of_memory=isinstance(error, TrainingOutOfMemory) or type(error).__name__ == "OutOfMemoryError",
-        )  # fmt: skip
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(rank_main(Path(sys.argv[1])))

@@ -168,27 +168,44 @@ def _free_memory() -> None:
 
 
 def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
-    """Train a LoRA adapter on the frozen (4-bit) base; write adapter/, log_history.json, summary.json."""
+    """The stage: train here, or as data-parallel ranks when train.num_gpus asks for several GPUs."""
+    if "WORLD_SIZE" not in os.environ and (ranks := ranks_for(inputs.train)) > 1:
+        from finetune.distributed import train_on_ranks
+
+        return train_on_ranks(inputs, key, out, hooks, ranks, checkpoints_dir(out.parent.parent, key))
+    return train_here(inputs, key, out, hooks)
+
+
+def _save_adapter(trainer, tokenizer, tokenized_dir: Path, out: Path) -> None:
+    """adapter/ with the tokenizer and its chat template (tools prompt base+adapter the way it was
+    trained), and log_history.json."""
+    from finetune.recipe import loss_history
+
+    trainer.model.save_pretrained(out / "adapter")
+    template = json.loads((Path(tokenized_dir) / "format.json").read_text(encoding="utf-8"))["template"]
+    set_chat_template(tokenizer, template)
+    tokenizer.save_pretrained(out / "adapter")
+    (out / "log_history.json").write_text(json.dumps(loss_history(trainer), indent=2), encoding="utf-8")
+
+
+def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Train a LoRA adapter on the frozen (4-bit) base in this process (or as one rank of several: then
+    rank 0 writes); write adapter/, log_history.json, summary.json."""
     from finetune import recipe  # torch, transformers, peft, trl
     from finetune.modeling import device_name, pick_compute_dtype
 
-    started = time.monotonic()
+    started, ranks = time.monotonic(), int(os.environ.get("WORLD_SIZE", "1"))  # ranks > 1: one of them (finetune/rank.py)
     work_dir = checkpoints_dir(out.parent.parent, key)  # out is <root>/train/.<key>.*.tmp
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # above 1: this process is a rank (finetune/distributed.py)
-    if ranks == 1 and (wanted := ranks_for(inputs.train)) > 1:
-        from finetune.distributed import train_on_ranks
-
-        return train_on_ranks(inputs, key, out, hooks, wanted, work_dir)
     step_batch, step_accum, adjustments = micro_batch(work_dir, inputs.train)
     batch_size, grad_accum = split_step(step_batch, step_accum, ranks)
     if adjustments:
-        hooks.logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", batch_size, grad_accum)
+        hooks.logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", step_batch, step_accum)
     compute_dtype = pick_compute_dtype(inputs.quant.compute_dtype)
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     dataset = recipe.load_examples(inputs.tokenized_dir)
-    lengths = [len(ids) for ids in dataset["input_ids"]]
     # CUDA graphs in one process only: DDP's hooks around the forward and backward are not captured.
-    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda" and ranks == 1)
+    lengths, graphs_possible = [len(ids) for ids in dataset["input_ids"]], device_name() == "cuda" and ranks == 1
+    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=graphs_possible)
     hooks.logger.info("step: %d x %d examples, %s", plan.batch_size, plan.grad_accum, plan.layout)
     model, base_bytes = recipe.load_model_with_lora(inputs.model_dir, inputs.quant, inputs.lora, inputs.train)
     args = recipe.sft_config(inputs.train, work_dir, plan, compute_dtype, device_name() == "cpu")
@@ -198,8 +215,7 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         hooks.progress(step / max_steps)
 
     trainer = recipe.build_trainer(model, tokenizer, dataset, args, recipe.StepWatch(on_step), plan, hooks.logger)
-    resume_from = newest_intact_checkpoint(work_dir, hooks.logger)
-    if resume_from is not None:
+    if (resume_from := newest_intact_checkpoint(work_dir, hooks.logger)) is not None:
         hooks.logger.info("resuming from %s", resume_from.name)
     trained_from = time.time()
     train_seconds = _fit(trainer, resume_from, inputs.train)
@@ -208,16 +224,10 @@ def _train(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         del trainer, model
         _free_memory()
         shape = (plan.batch_size, plan.grad_accum) if ranks == 1 else (step_batch, step_accum)  # the whole step's
-        change = note_out_of_memory(work_dir, *shape, adjustments, step)
-        raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {change}")
+        raise TrainingOutOfMemory(f"train: out of memory at step {step}; the retry uses {note_out_of_memory(work_dir, *shape, adjustments, step)}")
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the output
-
-    trainer.model.save_pretrained(out / "adapter")
-    template = json.loads((Path(inputs.tokenized_dir) / "format.json").read_text(encoding="utf-8"))["template"]
-    set_chat_template(tokenizer, template)  # tools prompt base+adapter the way it was trained
-    tokenizer.save_pretrained(out / "adapter")
-    (out / "log_history.json").write_text(json.dumps(recipe.loss_history(trainer), indent=2), encoding="utf-8")
+    _save_adapter(trainer, tokenizer, inputs.tokenized_dir, out)
     resumed_step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
     peak, peak_kind = peak_memory_bytes()
     summary = {

@@ -250,6 +250,7 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     import asyncio
 
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     from finetune.config import PathsConfig
@@ -265,12 +266,8 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
             job.prepare_for_flow_run(flow_run=flow_run, deployment=deployment, flow=flow, work_pool=pool)
             return deployment, pool, flow_run, job
 
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = scheduling["api"]
-    try:
+    with temporary_settings({PREFECT_API_URL: scheduling["api"]}):  # this module's server, not the test harness's
         deployment, pool, flow_run, job = asyncio.run(render())
-    finally:
-        os.environ.pop("PREFECT_API_URL") if previous is None else os.environ.update(PREFECT_API_URL=previous)
 
     assert pool.type == "kubernetes"
     pod = job.job_manifest["spec"]["template"]["spec"]

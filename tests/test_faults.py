@@ -37,6 +37,14 @@ def _env(prefect_home: Path) -> dict[str, str]:
     return {**env, "PREFECT_HOME": str(prefect_home), "PYTHONUNBUFFERED": "1"}
 
 
+def _served_env(prefect_home: Path) -> dict[str, str]:
+    """The session's test server instead of an ephemeral one per command (which costs each command about
+    15 s here). For tests about resuming, not about concurrency: the server has no training slot."""
+    from prefect.settings import get_current_settings
+
+    return {**_env(prefect_home), "PREFECT_API_URL": str(get_current_settings().api.url)}
+
+
 def _newest_record(workspace: Path) -> dict:
     newest = max((workspace / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     return json.loads((newest / "run.json").read_text())
@@ -46,12 +54,12 @@ def _states(record: dict) -> dict[str, str]:
     return {name: stage["state"] for name, stage in record["stages"].items()}
 
 
-def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_dir, tmp_path):
+def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspace, tiny_model_dir, tmp_path):
     from finetune.train import train_adapter
 
     overrides = _overrides(workspace, tiny_model_dir, *LONGER)
     killed = subprocess.Popen(
-        _cli(workspace, overrides), cwd=ROOT, env=_env(tmp_path / "prefect"), stdout=subprocess.PIPE,
+        _cli(workspace, overrides), cwd=ROOT, env=_served_env(tmp_path / "prefect"), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     killed_at = None
@@ -65,7 +73,7 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(workspace, tiny_model_d
     killed.wait(timeout=60)
     assert killed_at is not None, "training never reached the second epoch"
 
-    rerun = subprocess.run(_cli(workspace, overrides), cwd=ROOT, env=_env(tmp_path / "prefect"), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_cli(workspace, overrides), cwd=ROOT, env=_served_env(tmp_path / "prefect"), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
 
     record = _newest_record(workspace)
