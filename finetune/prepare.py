@@ -17,7 +17,7 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from finetune.config import DataConfig
-from finetune.readers import SEED_MARKERS, DataError, data_files, read_pairs
+from finetune.readers import SEED_MARKERS, DataError, data_files, read_pairs, visible_text
 from finetune.stage import Hooks, Stage
 from finetune.template import PromptFormat
 
@@ -43,7 +43,7 @@ class RawRow(pa.DataFrameModel):
 
     @pa.check("instruction", "response", name="not_blank")
     def _not_blank(cls, text: Series[str]) -> Series[bool]:
-        return text.str.strip().str.len() > 0
+        return text.map(visible_text).str.len() > 0
 
     class Config:
         strict = True
@@ -86,11 +86,12 @@ def _config_schema(cfg: DataConfig, prompt: PromptFormat) -> pa.DataFrameSchema:
 def _describe(column: str, check: str, cfg: DataConfig, prompt: PromptFormat) -> str:
     """A pandera check name as a reason a person can act on."""
     reasons = {
-        "not_blank": "is empty after trimming whitespace",
+        "not_blank": "is empty after trimming whitespace and invisible format characters (zero-width spaces and "
+        "joiners, soft hyphens, direction marks)",
         "no_template_marker": f"contains a template marker ({' / '.join(prompt.markers)}, from tokenize.template); "
         "trained on, the model would learn to write turns of its own",
         "length_bounds": f"length is outside data.min_chars..data.max_chars ({cfg.min_chars}..{cfg.max_chars} characters)",
-        "known_topic": f"is missing or not one of data.topics {cfg.topics}",
+        "known_topic": f"is missing or not one of data.topics {cfg.topics}; data.topics: null accepts any topic",
         "not_nullable": "is missing",
     }
     return f"{column} {reasons.get(check, check)}"
@@ -148,7 +149,9 @@ def _report_markdown(report: dict) -> str:
         "",
         f"Training rows: **{report['train_rows']}** from {len(report['train_files'])} file(s); "
         f"evaluation rows: **{report['eval_rows']}**; rejected: **{report['rejected_rows']}**; "
-        f"duplicates collapsed: {report['duplicates_collapsed']}.",
+        f"duplicates collapsed: {report['duplicates_collapsed']}"
+        + (f"; {report['eval_duplicates_collapsed']} duplicate held-out pair(s) collapsed" if report.get("eval_duplicates_collapsed") else "")
+        + ".",
         "",
         "| topic | train | eval |",
         "|---|---:|---:|",
@@ -191,7 +194,7 @@ def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dic
         )
 
 
-def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> pd.DataFrame:
+def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> tuple[pd.DataFrame, int]:
     heldout_path = Path(inputs.heldout_path)
     if not heldout_path.is_file():
         raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
@@ -201,8 +204,22 @@ def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> pd.DataFrame:
         raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
     if evaluation.empty:
         raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
-    PreparedRow.validate(evaluation, lazy=True)
-    return evaluation
+    duplicated = (_normalized(evaluation.instruction) + "\x00" + _normalized(evaluation.response)).duplicated()
+    evaluation = evaluation[~duplicated].reset_index(drop=True)  # collapsed and counted, like training duplicates
+    _check_prepared(evaluation)
+    return evaluation, int(duplicated.sum())
+
+
+def _check_prepared(frame: pd.DataFrame) -> None:
+    """PreparedRow's checks, failing as a DataError with file:line places, never as pandera's dump."""
+    try:
+        PreparedRow.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+        rows = [int(i) for i in cases["index"].dropna().unique()][:3] or list(range(min(3, len(frame))))
+        places = ", ".join(f"{frame.at[i, 'source_file']}:{frame.at[i, 'source_line']}" for i in rows if i in frame.index)
+        checks = ", ".join(sorted(set(cases["check"].astype(str))))
+        raise DataError(f"prepared rows fail {checks} at {places}; fix those rows") from None
 
 
 def _report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, rejected: list[dict], duplicates: int) -> dict:
@@ -223,16 +240,16 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, the report."""
     prompt = PromptFormat(inputs.template)
     files = data_files(inputs.raw_dir)
-    evaluation = _load_heldout(inputs, prompt)
+    evaluation, eval_duplicates = _load_heldout(inputs, prompt)
     train, rejected = load_rows(files, inputs.data, prompt)
     train, leaks, duplicates = _drop_duplicates_and_leaks(train, evaluation)
     rejected = sorted(rejected + leaks, key=lambda r: (r["source_file"], r["source_line"]))
     _check_enough(inputs, train, rejected, duplicates)
-    PreparedRow.validate(train, lazy=True)
+    _check_prepared(train)
     train.to_parquet(out / "train.parquet", index=False)
     evaluation.to_parquet(out / "eval.parquet", index=False)
     pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
-    report = _report(files, train, evaluation, rejected, duplicates)
+    report = {**_report(files, train, evaluation, rejected, duplicates), "eval_duplicates_collapsed": eval_duplicates}
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(_report_markdown(report), encoding="utf-8")
     hooks.logger.info("%d training rows, %d held-out rows, %d rejected", len(train), len(evaluation), len(rejected))

@@ -74,6 +74,12 @@ def _layout_for(path: Path, keys: set[str]) -> Layout:
     raise DataError(f"{path}: unknown field layout; found fields {sorted(keys)}; understood layouts: {UNDERSTOOD}")
 
 
+def visible_text(text: str) -> str:
+    """What a reader sees of `text`: NFC-normalized, without format characters (Unicode category Cf:
+    zero-width spaces and joiners, word joiners, soft hyphens, direction marks, byte-order marks), trimmed."""
+    return "".join(c for c in unicodedata.normalize("NFC", text) if unicodedata.category(c) != "Cf").strip()
+
+
 def _text_problem(name: str, value: Any) -> str | None:
     if not isinstance(value, str):
         kind = "nothing" if value is None else type(value).__name__
