@@ -122,6 +122,11 @@ class DataConfig(Section):
         "dirtier data, lower catches a wrong file or format sooner.",
     )
     min_rows: int = Field(16, ge=1, description="Fail the run if fewer training rows than this remain.")
+    exclude: list[str] = Field(
+        [".*"],
+        description="Name globs of files in paths.raw_dir that are not data (hidden files by default). Every other "
+        "file must be readable, so that no data is left out without a word.",
+    )
 
     @model_validator(mode="after")
     def _chars_in_order(self) -> DataConfig:
@@ -394,13 +399,13 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
 
 def check_inputs(config: FinetuneConfig) -> None:
     """The data files the config names exist: checked before anything heavy is imported."""
-    from finetune.readers import SUFFIXES
+    from finetune.readers import READABLE, format_of
 
     raw_dir, heldout = config.paths.raw_dir, config.paths.heldout_path
     if not raw_dir.is_dir():
         raise ConfigError(f"paths.raw_dir: {raw_dir} is not a folder; point it at the training pairs")
-    if not any(p.suffix in SUFFIXES for p in raw_dir.iterdir()):
-        raise ConfigError(f"paths.raw_dir: {raw_dir} has no data files ({', '.join('*' + s for s in SUFFIXES)})")
+    if not any(format_of(p) for p in raw_dir.iterdir()):
+        raise ConfigError(f"paths.raw_dir: {raw_dir} has no data files ({READABLE})")
     if not heldout.is_file():
         raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
     if not heldout.read_bytes().strip():

@@ -158,6 +158,8 @@ def _report_markdown(report: dict) -> str:
     ]
     topics = sorted(set(report["topics_train"]) | set(report["topics_eval"]))
     lines += [f"| {t} | {report['topics_train'].get(t, 0)} | {report['topics_eval'].get(t, 0)} |" for t in topics]
+    lines += ["", "| file | rows kept | rejected |", "|---|---:|---:|"]
+    lines += [f"| {Path(f['file']).name} | {f['rows']} | {f['rejected']} |" for f in report.get("files", [])]
     lines += ["", "| field | words (mean) | words (max) |", "|---|---:|---:|"]
     for field, stat in report["lengths_train"].items():
         lines.append(f"| {field} | {stat.get('words_mean', '-')} | {stat.get('words_max', '-')} |")
@@ -229,6 +231,10 @@ def _report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, re
         "rejected_rows": len(rejected),
         "duplicates_collapsed": duplicates,
         "train_files": [str(f) for f in files],
+        "files": [
+            {"file": str(f), "rows": int((train.source_file == str(f)).sum()), "rejected": sum(r["source_file"] == str(f) for r in rejected)}
+            for f in files
+        ],
         "topics_train": train.topic.fillna("(none)").value_counts().sort_index().to_dict(),
         "topics_eval": evaluation.topic.fillna("(none)").value_counts().sort_index().to_dict(),
         "lengths_train": _length_stats(train),
@@ -239,7 +245,7 @@ def _report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, re
 def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, the report."""
     prompt = PromptFormat(inputs.template)
-    files = data_files(inputs.raw_dir)
+    files = data_files(inputs.raw_dir, tuple(inputs.data.exclude))
     evaluation, eval_duplicates = _load_heldout(inputs, prompt)
     train, rejected = load_rows(files, inputs.data, prompt)
     train, leaks, duplicates = _drop_duplicates_and_leaks(train, evaluation)

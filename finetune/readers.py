@@ -1,7 +1,8 @@
 """Reading instruction/response pairs from the formats people keep them in.
 
 Formats, by file suffix: JSON Lines (.jsonl), JSON arrays (.json), CSV (.csv), Parquet (.parquet) and
-the seed's text format (.txt: blocks of `### HUMAN:` then `### RESPONSE:`). Field layouts, decided
+the seed's text format (.txt: blocks of `### HUMAN:` then `### RESPONSE:`), each also gzip, bz2 or xz
+compressed (data.jsonl.gz). Any other file in the data folder is an error unless data.exclude names it. Field layouts, decided
 from a file's first record (or its header) and then required of every row:
 
 | layout | fields |
@@ -19,6 +20,7 @@ cannot be used becomes a reject with a reason; a file that cannot be read at all
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import unicodedata
@@ -29,6 +31,9 @@ from typing import Any
 from finetune.errors import PermanentError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# Compressed forms of those, read like the plain file: data.jsonl.gz, pairs.csv.xz, ...
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+READABLE = ", ".join(SUFFIXES) + " (also compressed: " + ", ".join(f"*{s}" for s in COMPRESSIONS) + ")"
 # The seed's text format; a template with the same shape (a marker line before and after the
 # instruction) reads .txt files with its own markers instead (template.PromptFormat.line_markers).
 SEED_MARKERS = ("### HUMAN:", "### RESPONSE:")
@@ -212,11 +217,11 @@ def _read_csv(path: Path, data: bytes, result: ReadResult) -> None:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
 
 
-def _read_parquet(path: Path, result: ReadResult) -> None:
+def _read_parquet(path: Path, result: ReadResult, data: bytes) -> None:
     import pandas as pd
 
     try:
-        frame = pd.read_parquet(path)
+        frame = pd.read_parquet(io.BytesIO(data))
     except Exception as error:  # pyarrow raises several types for a file that is not Parquet
         raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
     _layout_for(path, set(frame.columns))
@@ -256,29 +261,59 @@ def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[
             result.rows.append({**row, "source_file": str(path), "source_line": number})
 
 
+def format_of(path: Path) -> str | None:
+    """The plain suffix a file is read as (`.jsonl` for data.jsonl.gz too), or None: no reader for it."""
+    path = Path(path)
+    suffix = Path(path.stem).suffix if path.suffix in COMPRESSIONS else path.suffix
+    return suffix if suffix in SUFFIXES else None
+
+
+def _file_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix not in COMPRESSIONS:
+        return data
+    module = __import__(COMPRESSIONS[path.suffix])
+    try:
+        return module.decompress(data)
+    except Exception as error:  # gzip, bz2 and lzma each raise their own types for damaged data
+        raise DataError(f"{path}: not a readable {COMPRESSIONS[path.suffix]} file ({type(error).__name__}: {error})") from None
+
+
 def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:
     """Rows and rejects of one data file; a DataError if the file as a whole cannot be used.
     `markers` open the instruction and the response of a block in a .txt file."""
     path = Path(path)
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    suffix = format_of(path)
+    if suffix is None:
+        raise DataError(f"{path}: unsupported file type; use one of {READABLE}")
     result = ReadResult()
-    if path.suffix == ".parquet":
-        _read_parquet(path, result)
+    data = _file_bytes(path)
+    if suffix == ".parquet":
+        _read_parquet(path, result, data)
         return result
-    data = path.read_bytes()
     if not data.strip(b" \t\r\n\xef\xbb\xbf"):
         raise DataError(f"{path}: the file is empty; add pairs or remove it")
-    if path.suffix == ".txt":
+    if suffix == ".txt":
         _read_seed_text(path, data, result, markers)
         return result
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    readers[path.suffix](path, data, result)
+    readers[suffix](path, data, result)
     return result
 
 
-def data_files(directory: Path) -> list[Path]:
-    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix in SUFFIXES) if Path(directory).is_dir() else []
+def data_files(directory: Path, exclude: tuple[str, ...] = (".*",)) -> list[Path]:
+    """Every file of `directory`, each of which must be readable: one that is not, and that no glob of
+    `exclude` (data.exclude) matches by name, is an error naming it, so that no data is left out unseen."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    files = [p for p in files if not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)]
+    unreadable = [p for p in files if format_of(p) is None]
+    if unreadable:
+        names = ", ".join(p.name for p in unreadable)
+        raise DataError(
+            f"{directory}: no reader for {names}; readable: {READABLE}. Convert it, move it out of the folder, or "
+            f"leave it out with data.exclude: {[*exclude, unreadable[0].name]}"
+        )
     if not files:
-        raise DataError(f"{directory}: no data files ({', '.join('*' + s for s in SUFFIXES)}); put instruction/response pairs there")
+        raise DataError(f"{directory}: no data files ({READABLE}); put instruction/response pairs there")
     return files

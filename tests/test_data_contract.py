@@ -132,7 +132,7 @@ def test_alpaca_input_joins_the_instruction(tmp_path):
 
 
 def test_a_folder_without_data_files_is_an_error(tmp_path):
-    (tmp_path / "notes.md").write_text("no data here")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00")  # hidden: excluded by default
     with pytest.raises(DataError, match="no data files"):
         data_files(tmp_path)
 

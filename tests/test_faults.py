@@ -39,7 +39,7 @@ def _env(prefect_home: Path) -> dict[str, str]:
 
 def _served_env(prefect_home: Path) -> dict[str, str]:
     """The session's test server instead of an ephemeral one per command (which costs each command about
-    15 s here). For tests about resuming, not about concurrency: the server has no training slot."""
+    15 s here). It has no training slot (global concurrency limit), as in ephemeral mode."""
     from prefect.settings import get_current_settings
 
     return {**_env(prefect_home), "PREFECT_API_URL": str(get_current_settings().api.url)}
@@ -178,10 +178,12 @@ def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatc
                               "score": "completed"}  # fmt: skip
 
 
-def test_two_concurrent_runs_share_one_training(workspace, tiny_model_dir, tmp_path):
+def test_two_concurrent_runs_share_one_training(prefect_server, workspace, tiny_model_dir, tmp_path):
+    """Two runs of the same inputs at once, on one server without a training slot: the output's lock
+    makes one train and the other wait and reuse it."""
     command = _cli(workspace, _overrides(workspace, tiny_model_dir))
     runs = [
-        subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path / f"prefect{i}"), stdout=subprocess.PIPE,
+        subprocess.Popen(command, cwd=ROOT, env=_served_env(tmp_path / f"prefect{i}"), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]  # fmt: skip

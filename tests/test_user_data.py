@@ -41,18 +41,9 @@ def test_a_field_is_empty_exactly_when_nothing_visible_is_left(before, visible, 
     assert [r["reason"].startswith("instruction is empty after trimming whitespace") for r in rejected] == ([True] if visible is None else [])
 
 
-def test_a_field_of_zero_width_characters_is_rejected_with_its_place(workspace):
+def test_an_invisible_field_is_rejected_by_place_and_a_held_out_pair_written_twice_is_collapsed(workspace):
     record = {"instruction": "\u200b\u2060\ufeff \u00ad", "response": "An answer.", "topic": "education"}
     (workspace / "data/raw/invisible.jsonl").write_text(json.dumps(record) + "\n")
-
-    result = _validate_command(workspace)
-
-    assert result.returncode == 0, result.stderr
-    assert "rejected: **1**" in result.stdout
-    assert "invisible.jsonl:1`: instruction is empty after trimming whitespace and invisible format characters" in result.stdout
-
-
-def test_a_held_out_pair_written_twice_is_collapsed_and_counted(workspace):
     heldout = workspace / "data/eval/heldout.jsonl"
     lines = heldout.read_text().splitlines()
     heldout.write_text("\n".join([*lines, lines[0]]) + "\n")
@@ -61,7 +52,9 @@ def test_a_held_out_pair_written_twice_is_collapsed_and_counted(workspace):
 
     assert result.returncode == 0, result.stderr + result.stdout
     assert "Traceback" not in result.stderr
-    assert "evaluation rows: **25**" in result.stdout and "1 duplicate held-out pair(s) collapsed" in result.stdout
+    assert "evaluation rows: **25**; rejected: **1**" in result.stdout
+    assert "invisible.jsonl:1`: instruction is empty after trimming whitespace and invisible format characters" in result.stdout
+    assert "1 duplicate held-out pair(s) collapsed" in result.stdout
     out = prepare_dataset(prepare_inputs(workspace / "data/raw", heldout), workspace / "out")
     report = json.loads((out / "report.json").read_text())
     assert (report["eval_rows"], report["eval_duplicates_collapsed"]) == (25, 1)
@@ -74,3 +67,31 @@ def test_a_topic_outside_the_list_names_the_key_that_widens_it(workspace):
         prepare_dataset(inputs, workspace / "out")
 
     assert "topic is missing or not one of data.topics ['education']; data.topics: null accepts any topic" in str(failure.value)
+
+
+def test_compressed_files_are_read_and_any_other_file_is_named_with_how_to_leave_it_out(workspace):
+    import gzip
+    import lzma
+
+    from finetune.readers import DataError, data_files, read_pairs
+
+    raw = workspace / "data/raw"
+    pairs = [{"instruction": f"Question {i} about compression?", "response": f"Answer {i}.", "topic": "education"} for i in range(3)]
+    (raw / "extra.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(p) + "\n" for p in pairs[:2]).encode()))
+    (raw / "more.csv.xz").write_bytes(lzma.compress(f'instruction,response,topic\n"{pairs[2]["instruction"]}",Answer 2.,education\n'.encode()))
+    (raw / "notes.md").write_text("not data")
+
+    with pytest.raises(DataError) as refused:
+        data_files(raw)
+    assert str(refused.value).startswith(f"{raw}: no reader for notes.md; readable: .jsonl")
+    assert "data.exclude: ['.*', 'notes.md']" in str(refused.value)
+    (raw / "broken.jsonl.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=r"broken.jsonl.gz: not a readable gzip file"):
+        read_pairs(raw / "broken.jsonl.gz")
+    (raw / "broken.jsonl.gz").unlink()
+
+    read = _validate_command(workspace, 'data.exclude=[".*", "*.md"]')
+
+    assert read.returncode == 0, read.stderr
+    assert "Training rows: **107** from 7 file(s)" in read.stdout
+    assert "| extra.jsonl.gz | 2 | 0 |" in read.stdout and "| more.csv.xz | 1 | 0 |" in read.stdout
