@@ -83,6 +83,17 @@ def write_spec(path: Path, inputs, key: str, out: Path) -> Path:
     return path
 
 
+def _event(line: str) -> dict | None:
+    """The event of a rank's output line, or None for any other line (one garbled by another rank too)."""
+    if not line.startswith(EVENT):
+        return None
+    try:
+        event = json.loads(line[len(EVENT) :])
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "rank" in event else None
+
+
 def _failure(errors: list[dict], tail: collections.deque, returncode: int) -> RankFailed:
     """The error to raise: the rank that the launcher saw fail first (its "Root Cause"), with its own error
     where it reported one; the others' errors (a peer gone from a collective) follow from it."""
@@ -121,11 +132,11 @@ def train_on_ranks(inputs, key: str, out: Path, hooks: Hooks, processes: int, wo
     )  # fmt: skip
     try:
         for line in launcher.stdout:
-            if not line.startswith(EVENT):
+            event = _event(line)
+            if event is None:
                 tail.append(line)
                 hooks.logger.debug("%s", line.rstrip())
                 continue
-            event = json.loads(line[len(EVENT) :])
             if "error" in event:
                 errors.append(event)
                 hooks.logger.error("rank %d: %s", event["rank"], event["error"])

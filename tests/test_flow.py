@@ -108,7 +108,7 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(tiny_flow_run):
     assert len(json.loads((workspace / "models" / "champion.json").read_text())["history"]) == 1
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
 
-    third = finetune(TINY, [*overrides, "lora.r=16"])
+    third = finetune(TINY, [*overrides, "lora.r=16", "train.epochs=0.5"])
     states = {name: s["state"] for name, s in third["stages"].items()}
     assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
                       "train": "completed", "evaluate": "completed", "merge": "completed",
