@@ -122,6 +122,11 @@ def _normalized(text: pd.Series) -> pd.Series:
     return text.str.lower().str.split().str.join(" ")
 
 
+def _duplicate_pairs(frame: pd.DataFrame) -> pd.Series:
+    """True for each row whose pair (case and whitespace insensitive) an earlier row already has."""
+    return (_normalized(frame.instruction) + "\x00" + _normalized(frame.response)).duplicated()
+
+
 def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
     rows, rejected = [], []
     for path in files:
@@ -170,8 +175,7 @@ def _report_markdown(report: dict) -> str:
 
 def _drop_duplicates_and_leaks(train: pd.DataFrame, evaluation: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], int]:
     """Collapse duplicates (case and whitespace insensitive) and reject rows that leak the held-out set."""
-    pair = _normalized(train.instruction) + "\x00" + _normalized(train.response)
-    duplicated = pair.duplicated()
+    duplicated = _duplicate_pairs(train)
     leaked = _normalized(train.instruction).isin(set(_normalized(evaluation.instruction)))
     rejected = [
         {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
@@ -206,7 +210,7 @@ def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> tuple[pd.DataF
         raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
     if evaluation.empty:
         raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
-    duplicated = (_normalized(evaluation.instruction) + "\x00" + _normalized(evaluation.response)).duplicated()
+    duplicated = _duplicate_pairs(evaluation)
     evaluation = evaluation[~duplicated].reset_index(drop=True)  # collapsed and counted, like training duplicates
     _check_prepared(evaluation)
     return evaluation, int(duplicated.sum())

@@ -19,10 +19,13 @@ cannot be used becomes a reject with a reason; a file that cannot be read at all
 
 from __future__ import annotations
 
+import bz2
 import csv
 import fnmatch
+import gzip
 import io
 import json
+import lzma
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ from finetune.errors import PermanentError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 # Compressed forms of those, read like the plain file: data.jsonl.gz, pairs.csv.xz, ...
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+COMPRESSIONS = {".gz": ("gzip", gzip.decompress), ".bz2": ("bz2", bz2.decompress), ".xz": ("xz", lzma.decompress)}
 READABLE = ", ".join(SUFFIXES) + " (also compressed: " + ", ".join(f"*{s}" for s in COMPRESSIONS) + ")"
 # The seed's text format; a template with the same shape (a marker line before and after the
 # instruction) reads .txt files with its own markers instead (template.PromptFormat.line_markers).
@@ -272,11 +275,11 @@ def _file_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if path.suffix not in COMPRESSIONS:
         return data
-    module = __import__(COMPRESSIONS[path.suffix])
+    name, decompress = COMPRESSIONS[path.suffix]
     try:
-        return module.decompress(data)
+        return decompress(data)
     except Exception as error:  # gzip, bz2 and lzma each raise their own types for damaged data
-        raise DataError(f"{path}: not a readable {COMPRESSIONS[path.suffix]} file ({type(error).__name__}: {error})") from None
+        raise DataError(f"{path}: not a readable {name} file ({type(error).__name__}: {error})") from None
 
 
 def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:

@@ -188,24 +188,32 @@ def _save_adapter(trainer, tokenizer, tokenized_dir: Path, out: Path) -> None:
     (out / "log_history.json").write_text(json.dumps(loss_history(trainer), indent=2), encoding="utf-8")
 
 
+def _plan(train: TrainConfig, dataset, batch_size: int, grad_accum: int, one_process: bool):
+    """recipe.plan_step for this process's share of a step. CUDA graphs in one process only: DDP's hooks
+    around the forward and backward are not captured."""
+    from finetune import recipe
+    from finetune.modeling import device_name
+
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return recipe.plan_step(train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda" and one_process)
+
+
 def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Train a LoRA adapter on the frozen (4-bit) base in this process (or as one rank of several: then
     rank 0 writes); write adapter/, log_history.json, summary.json."""
     from finetune import recipe  # torch, transformers, peft, trl
     from finetune.modeling import device_name, pick_compute_dtype
 
-    started, ranks = time.monotonic(), int(os.environ.get("WORLD_SIZE", "1"))  # ranks > 1: one of them (finetune/rank.py)
+    started = time.monotonic()
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # above 1: this process is one of them (finetune/rank.py)
     work_dir = checkpoints_dir(out.parent.parent, key)  # out is <root>/train/.<key>.*.tmp
     step_batch, step_accum, adjustments = micro_batch(work_dir, inputs.train)
-    batch_size, grad_accum = split_step(step_batch, step_accum, ranks)
     if adjustments:
         hooks.logger.warning("micro-batch %d x accumulation %d after an out-of-memory error", step_batch, step_accum)
     compute_dtype = pick_compute_dtype(inputs.quant.compute_dtype)
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     dataset = recipe.load_examples(inputs.tokenized_dir)
-    # CUDA graphs in one process only: DDP's hooks around the forward and backward are not captured.
-    lengths, graphs_possible = [len(ids) for ids in dataset["input_ids"]], device_name() == "cuda" and ranks == 1
-    plan = recipe.plan_step(inputs.train, batch_size, grad_accum, lengths, cuda=graphs_possible)
+    plan = _plan(inputs.train, dataset, *split_step(step_batch, step_accum, ranks), one_process=ranks == 1)
     hooks.logger.info("step: %d x %d examples, %s", plan.batch_size, plan.grad_accum, plan.layout)
     model, base_bytes = recipe.load_model_with_lora(inputs.model_dir, inputs.quant, inputs.lora, inputs.train)
     args = recipe.sft_config(inputs.train, work_dir, plan, compute_dtype, device_name() == "cpu")
