@@ -11,14 +11,17 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `fast`: the default: one micro-batch of 4 per optimizer step, no checkpointing; on CUDA its forward and
   backward replay a CUDA graph (short examples), elsewhere the row is packed;
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
-- `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`).
+- `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
+- `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
+  step: the same global batch and steps as one GPU.
 
 Workloads: `seed` is the project's 104 training pairs, 3 epochs (78 steps); `long` is 2,000 synthetic
 examples of 256 to 2,048 tokens (random token ids, the last half of each is the response), one epoch.
 Models: `builtin` is the embedded SmolLM2-135M-Instruct (real weights); `7b-shape` is Llama-2-7B's shape
 with random weights (speed and memory do not depend on the values; CUDA only).
 
-Figures per recipe: train() seconds, trained tokens per second, peak memory (CUDA: max allocated; CPU:
+Figures per recipe: train() seconds (rank 0's, with several GPUs), the stage's wall seconds (model
+loading and, with several GPUs, starting the ranks included), trained tokens per second, peak memory (CUDA: max allocated; CPU:
 peak resident set), the loss of every step, and MFU on CUDA. FLOPs are counted as 2 x forward per
 trained token (the forward pass and the input gradients; the frozen 4-bit weights get no weight
 gradient, the LoRA weights' are negligible, recomputation under checkpointing is not useful work):
@@ -41,6 +44,7 @@ RECIPES = {
     "fast": [],
     "fast_eager": ["train.cuda_graphs=false"],
     "low_memory": ["train.gradient_checkpointing=true"],
+    "fast_2_gpus": ["train.num_gpus=2"],
 }
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}  # dense bf16, by name fragment (first match)
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -111,7 +115,9 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
     from finetune.train import TrainInputs, train_adapter
 
     inputs = TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)
+    started = time.perf_counter()
     out = train_adapter(inputs, root / name)
+    stage_seconds = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
     history = json.loads((out / "log_history.json").read_text())
     lengths = [len(ids) for ids in pd.read_parquet(tokenized_dir / "train.parquet").input_ids]
@@ -123,6 +129,8 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
     return {
         "recipe": name,
         "train_seconds": summary["train_seconds"],
+        "stage_seconds": round(stage_seconds, 1),
+        "ranks": summary.get("ranks", 1),
         "steps": steps,
         "examples_seen": seen,
         "tokens_per_second": round(sum(lengths) * seen / len(lengths) / summary["train_seconds"], 1),
@@ -153,19 +161,19 @@ def profiled(table: Path, run, *args) -> dict:
 
 
 def compare(results: list[dict]) -> dict:
-    """Each recipe against the seed loop: speed-up, peak memory ratio, and per-step loss differences."""
-    by_name = {r["recipe"]: r for r in results}
-    if "seed" not in by_name:
+    """Each recipe against the first one run (the seed loop, usually): speed-up of train() and of the
+    whole stage, peak memory ratio (per GPU), and per-step loss differences."""
+    if not results:
         return {}
-    seed = by_name["seed"]
+    first = results[0]
+    base = first["recipe"]
     found = {}
-    for name, r in by_name.items():
-        if name == "seed":
-            continue
-        pairs = list(zip(seed["losses"], r["losses"]))
-        found[name] = {
-            "speedup_vs_seed": round(seed["train_seconds"] / r["train_seconds"], 2),
-            "peak_vs_seed": round(r["peak_memory_bytes"] / seed["peak_memory_bytes"], 3),
+    for r in results[1:]:
+        pairs = list(zip(first["losses"], r["losses"]))
+        found[r["recipe"]] = {
+            f"speedup_vs_{base}": round(first["train_seconds"] / r["train_seconds"], 2),
+            f"stage_speedup_vs_{base}": round(first["stage_seconds"] / r["stage_seconds"], 2),
+            f"peak_vs_{base}": round(r["peak_memory_bytes"] / first["peak_memory_bytes"], 3),
             "max_abs_loss_diff": round(max(abs(a - b) for a, b in pairs), 5) if pairs else None,
             "mean_abs_loss_diff": round(sum(abs(a - b) for a, b in pairs) / len(pairs), 5) if pairs else None,
         }
