@@ -22,10 +22,11 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
+from torch.utils.data import RandomSampler
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from finetune import graphs
+from finetune import balance, graphs
 from finetune.checkpoints import seal_checkpoint
 from finetune.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.errors import PermanentError
@@ -114,7 +115,7 @@ def load_model_with_lora(model_dir: Path, quant: QuantConfig, lora: LoraConfig, 
 
 def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dtype: torch.dtype, use_cpu: bool) -> SFTConfig:
     """TRL's arguments for `train`, with the micro-batch and its layout from `plan`."""
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.grad_accum,
@@ -144,6 +145,12 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
         dataloader_num_workers=0,
         max_length=None,  # tokenize already enforced tokenize.max_length
     )
+    # One process trains on one GPU (several are train.num_gpus' ranks, each a process). With more GPUs
+    # visible and no launcher, the Trainer would wrap the model in nn.DataParallel, which TRL refuses;
+    # the Trainer pins its GPU count to 1 in the same way for a model that device_map placed itself.
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    return args
 
 
 class StepWatch(TrainerCallback):
@@ -167,6 +174,21 @@ class StepWatch(TrainerCallback):
         seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
+class BalancedSFTTrainer(SFTTrainer):
+    """TRL's trainer; as one of several data-parallel ranks, each step's examples are dealt so that every
+    rank gets a like share of the step's tokens (finetune/balance.py), the steps staying one GPU's."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.world_size == 1 or type(sampler) is not RandomSampler:
+            return sampler
+        return balance.RankBalancedSampler(
+            dataset, [len(ids) for ids in dataset["input_ids"]], self.args.world_size,
+            self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps, self.args.data_seed,
+        )  # fmt: skip
+
+
 def build_trainer(
     model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger
 ) -> SFTTrainer:
@@ -177,7 +199,7 @@ def build_trainer(
             **common, static_shape=(plan.batch_size, plan.static_length), pad_token_id=pad, logger=logger
         )
     else:
-        trainer = SFTTrainer(**common)
+        trainer = BalancedSFTTrainer(**common)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
         # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
