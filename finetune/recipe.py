@@ -22,11 +22,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
-from torch.utils.data import RandomSampler
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from finetune import balance, graphs
+from finetune import graphs
 from finetune.checkpoints import seal_checkpoint
 from finetune.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.errors import PermanentError
@@ -174,21 +173,6 @@ class StepWatch(TrainerCallback):
         seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
-class BalancedSFTTrainer(SFTTrainer):
-    """TRL's trainer; as one of several data-parallel ranks, each step's examples are dealt so that every
-    rank gets a like share of the step's tokens (finetune/balance.py), the steps staying one GPU's."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.world_size == 1 or type(sampler) is not RandomSampler:
-            return sampler
-        return balance.RankBalancedSampler(
-            dataset, [len(ids) for ids in dataset["input_ids"]], self.args.world_size,
-            self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps, self.args.data_seed,
-        )  # fmt: skip
-
-
 def build_trainer(
     model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger
 ) -> SFTTrainer:
@@ -199,7 +183,7 @@ def build_trainer(
             **common, static_shape=(plan.batch_size, plan.static_length), pad_token_id=pad, logger=logger
         )
     else:
-        trainer = BalancedSFTTrainer(**common)
+        trainer = SFTTrainer(**common)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
         # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
