@@ -227,7 +227,7 @@ def main() -> None:
     results = []
     root = args.work / "runs" / str(time.time_ns())
     header = {
-        "model": args.model, "workload": args.workload, "device": device, "overrides": base,
+        "model": args.model, "workload": args.workload, "device": device, "gpus": torch.cuda.device_count(), "overrides": base,
         "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "flops_counted": "2 x forward per trained token: 2 x linear weights (decoder + LM head) + 2 x layers x hidden x length",
     }  # fmt: skip
