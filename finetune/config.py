@@ -70,6 +70,12 @@ class OverLength(StrEnum):
     truncate = "truncate"  # cut the response to fit; the prompt is never cut
 
 
+class Conflicts(StrEnum):
+    reject = "reject"  # reject every row of the conflict, each naming the others' file:line
+    keep_first = "keep_first"  # train on the first in file order, leave the others out (counted)
+    keep_all = "keep_all"  # train on every response
+
+
 class ComputeDtype(StrEnum):
     auto = "auto"  # bf16 where the hardware has it, fp16 on GPUs without bf16, else fp32
     bfloat16 = "bfloat16"
@@ -122,6 +128,17 @@ class DataConfig(Section):
         "dirtier data, lower catches a wrong file or format sooner.",
     )
     min_rows: int = Field(16, ge=1, description="Fail the run if fewer training rows than this remain.")
+    conflicts: Conflicts = Field(
+        Conflicts.reject,
+        description="Rows with the same instruction (case and spaces aside, after the same earlier turns) and "
+        "different responses: reject names every place; keep_first trains on the first in file order; keep_all on "
+        "all of them. The data report lists them either way.",
+    )
+    near_duplicate_similarity: float = Field(
+        0.7, gt=0, le=1, description="Training instructions at least this similar to a held-out one (MinHash "
+        "estimate of the Jaccard similarity of character 4-grams) are listed in the data report as possible "
+        "leaks; lower lists more. Exact matches (case and spaces aside) are rejected whatever this is.",
+    )
     exclude: list[str] = Field(
         [".*"],
         description="Name globs of files in paths.raw_dir that are not data (hidden files by default). Every other "

@@ -16,7 +16,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from finetune.config import DataConfig
+from finetune.config import Conflicts, DataConfig
 from finetune.readers import SEED_MARKERS, DataError, data_files, read_pairs, visible_text
 from finetune.stage import Hooks, Stage
 from finetune.template import PromptFormat
@@ -37,6 +37,7 @@ class RawRow(pa.DataFrameModel):
 
     instruction: Series[str] = pa.Field(nullable=False)
     response: Series[str] = pa.Field(nullable=False)
+    history: Series[object]  # the exchanges before the last one: user, assistant, ... (empty: one exchange)
     topic: Series[str] = pa.Field(nullable=True)
     source_file: Series[str]
     source_line: Series[int] = pa.Field(ge=1)
@@ -44,6 +45,10 @@ class RawRow(pa.DataFrameModel):
     @pa.check("instruction", "response", name="not_blank")
     def _not_blank(cls, text: Series[str]) -> Series[bool]:
         return text.map(visible_text).str.len() > 0
+
+    @pa.check("history", name="not_blank")
+    def _turns_not_blank(cls, history: Series[object]) -> Series[bool]:
+        return history.map(lambda turns: all(visible_text(turn) for turn in turns))
 
     class Config:
         strict = True
@@ -55,13 +60,14 @@ class PreparedRow(pa.DataFrameModel):
 
     instruction: Series[str] = pa.Field(str_length={"min_value": 1})
     response: Series[str] = pa.Field(str_length={"min_value": 1})
+    history: Series[object]
     topic: Series[str] = pa.Field(nullable=True)
     source_file: Series[str]
     source_line: Series[int] = pa.Field(ge=1)
 
     @pa.dataframe_check(name="unique_pairs")
     def _unique(cls, frame: pd.DataFrame) -> bool:
-        return not frame.duplicated(["instruction", "response"]).any()
+        return not (frame.history.map(tuple).map(str) + frame.instruction + "\x00" + frame.response).duplicated().any()
 
     class Config:
         strict = True
@@ -74,7 +80,15 @@ def _config_schema(cfg: DataConfig, prompt: PromptFormat) -> pa.DataFrameSchema:
     )
     pattern = "|".join(re.escape(marker) for marker in prompt.markers)
     no_marker = pa.Check(lambda text: ~text.str.contains(pattern, regex=True), name="no_template_marker")
-    checks = {"instruction": pa.Column(str, [bounds, no_marker]), "response": pa.Column(str, [bounds, no_marker])}
+    each_turn = [  # the same checks on every turn of the earlier exchanges
+        pa.Check(lambda h: h.map(lambda turns: all(cfg.min_chars <= len(t.strip()) <= cfg.max_chars for t in turns)), name="length_bounds"),
+        pa.Check(lambda h: h.map(lambda turns: not any(re.search(pattern, t) for t in turns)), name="no_template_marker"),
+    ]  # fmt: skip
+    checks = {
+        "instruction": pa.Column(str, [bounds, no_marker]),
+        "response": pa.Column(str, [bounds, no_marker]),
+        "history": pa.Column(object, each_turn),
+    }
     if cfg.topics is not None:
         known = set(cfg.topics)
         checks["topic"] = pa.Column(
@@ -94,7 +108,7 @@ def _describe(column: str, check: str, cfg: DataConfig, prompt: PromptFormat) ->
         "known_topic": f"is missing or not one of data.topics {cfg.topics}; data.topics: null accepts any topic",
         "not_nullable": "is missing",
     }
-    return f"{column} {reasons.get(check, check)}"
+    return f"{'an earlier turn' if column == 'history' else column} {reasons.get(check, check)}"
 
 
 def _validate(frame: pd.DataFrame, cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
@@ -122,9 +136,23 @@ def _normalized(text: pd.Series) -> pd.Series:
     return text.str.lower().str.split().str.join(" ")
 
 
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _context(frame: pd.DataFrame) -> pd.Series:
+    """What each row's response answers: its instruction after its earlier turns, case and spaces aside."""
+    earlier = frame.history.map(lambda turns: "\x01".join(_plain(turn) for turn in turns)).astype(str)
+    return earlier + "\x00" + _normalized(frame.instruction).astype(str)
+
+
 def _duplicate_pairs(frame: pd.DataFrame) -> pd.Series:
-    """True for each row whose pair (case and whitespace insensitive) an earlier row already has."""
-    return (_normalized(frame.instruction) + "\x00" + _normalized(frame.response)).duplicated()
+    """True for each row whose conversation (case and whitespace insensitive) an earlier row already has."""
+    return (_context(frame) + "\x00" + _normalized(frame.response).astype(str)).duplicated()
+
+
+def _place(frame: pd.DataFrame, i: int) -> str:
+    return f"{frame.at[i, 'source_file']}:{frame.at[i, 'source_line']}"
 
 
 def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
@@ -133,10 +161,14 @@ def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple
         result = read_pairs(path, prompt.line_markers or SEED_MARKERS)
         rows += result.rows
         rejected += result.rejects
-    columns = ["instruction", "response", "topic", "source_file", "source_line"]
+    columns = ["instruction", "response", "history", "topic", "source_file", "source_line"]
     frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
     frame, invalid = _validate(frame, cfg, prompt)
-    frame = frame.assign(instruction=frame.instruction.str.strip(), response=frame.response.str.strip())
+    frame = frame.assign(
+        instruction=frame.instruction.str.strip(),
+        response=frame.response.str.strip(),
+        history=frame.history.map(lambda turns: [turn.strip() for turn in turns]),
+    )
     return frame.reset_index(drop=True), rejected + invalid
 
 
@@ -155,6 +187,7 @@ def _report_markdown(report: dict) -> str:
         f"Training rows: **{report['train_rows']}** from {len(report['train_files'])} file(s); "
         f"evaluation rows: **{report['eval_rows']}**; rejected: **{report['rejected_rows']}**; "
         f"duplicates collapsed: {report['duplicates_collapsed']}"
+        + (f"; conversations of several exchanges: {report['conversations']}" if report.get("conversations") else "")
         + (f"; {report['eval_duplicates_collapsed']} duplicate held-out pair(s) collapsed" if report.get("eval_duplicates_collapsed") else "")
         + ".",
         "",
@@ -168,20 +201,77 @@ def _report_markdown(report: dict) -> str:
     lines += ["", "| field | words (mean) | words (max) |", "|---|---:|---:|"]
     for field, stat in report["lengths_train"].items():
         lines.append(f"| {field} | {stat.get('words_mean', '-')} | {stat.get('words_max', '-')} |")
+    if report.get("conflicts"):
+        lines += ["", f"Same instruction, different responses ({len(report['conflicts'])}; data.conflicts: {report['conflicts_policy']}):", ""]
+        lines += [f"- {', '.join(f'`{p}`' for p in c['places'])}: {c['instruction'][:80]!r}" for c in report["conflicts"][:10]]
+    if report.get("near_duplicates"):
+        lines += ["", f"Training rows like a held-out row ({len(report['near_duplicates'])}; possible leaks, kept):", ""]
+        lines += [f"- `{n['train']}` ~ `{n['heldout']}` ({n['similarity']:.2f})" for n in report["near_duplicates"][:10]]
     if report["rejected_examples"]:
         lines += ["", "First rejects:", ""] + [f"- `{r['source_file']}:{r['source_line']}`: {r['reason']}" for r in report["rejected_examples"]]
     return "\n".join(lines) + "\n"
 
 
 def _drop_duplicates_and_leaks(train: pd.DataFrame, evaluation: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], int]:
-    """Collapse duplicates (case and whitespace insensitive) and reject rows that leak the held-out set."""
+    """Collapse duplicates (case and whitespace insensitive) and reject rows that leak the held-out set:
+    a row with a held-out instruction as any of its user turns."""
     duplicated = _duplicate_pairs(train)
-    leaked = _normalized(train.instruction).isin(set(_normalized(evaluation.instruction)))
+    held_out = set(_normalized(evaluation.instruction))
+    asked = [[*turns[0::2], instruction] for turns, instruction in zip(train.history, train.instruction)]
+    leaked = pd.Series([any(_plain(turn) in held_out for turn in turns) for turns in asked], index=train.index, dtype=bool)
     rejected = [
         {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
         for r in train[leaked & ~duplicated].itertuples()
     ]
     return train[~duplicated & ~leaked].reset_index(drop=True), rejected, int(duplicated.sum())
+
+
+def _resolve_conflicts(train: pd.DataFrame, policy: Conflicts) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
+    """Rows with one context and different responses (duplicates already collapsed), by data.conflicts:
+    (rows kept, rejects, the conflicts as listed in the report, rows left out by keep_first)."""
+    groups = [list(rows) for rows in train.groupby(_context(train), sort=False).indices.values() if len(rows) > 1]
+    listed = [{"instruction": train.at[g[0], "instruction"][:200], "places": [_place(train, i) for i in g]} for g in groups]
+    if policy == Conflicts.keep_all or not groups:
+        return train, [], listed, 0
+    left_out = [i for g in groups for i in (g if policy == Conflicts.reject else g[1:])]
+    rejected = [
+        {
+            "source_file": train.at[i, "source_file"],
+            "source_line": int(train.at[i, "source_line"]),
+            "reason": f"same instruction as {', '.join(_place(train, j) for j in g if j != i)} with a different response; "
+            "fix one of them, or set data.conflicts: keep_first or keep_all",
+        }
+        for g in groups if policy == Conflicts.reject for i in g
+    ]  # fmt: skip
+    kept = train.drop(index=left_out).reset_index(drop=True)
+    return kept, rejected, listed, 0 if policy == Conflicts.reject else len(left_out)
+
+
+def _near_duplicates(train: pd.DataFrame, evaluation: pd.DataFrame, similarity: float) -> list[dict]:
+    """Training rows whose instruction is at least `similarity` like a held-out one: datasketch's MinHash
+    LSH over character 4-grams finds the candidates, their MinHash estimate is reported."""
+    from datasketch import MinHash, MinHashLSH
+
+    def sketch(text: str) -> MinHash:
+        plain = _plain(text)
+        grams = {plain[i : i + 4] for i in range(max(len(plain) - 3, 1))}
+        minhash = MinHash(num_perm=128, seed=1)
+        minhash.update_batch([gram.encode("utf-8") for gram in grams])
+        return minhash
+
+    index = MinHashLSH(threshold=similarity, num_perm=128)
+    sketches = {}
+    for i, text in enumerate(train.instruction):
+        sketches[i] = sketch(text)
+        index.insert(i, sketches[i])
+    found = []
+    for j, text in enumerate(evaluation.instruction):
+        held_out = sketch(text)
+        for i in sorted(index.query(held_out)):
+            score = held_out.jaccard(sketches[i])
+            if score >= similarity:
+                found.append({"train": _place(train, i), "heldout": _place(evaluation, j), "similarity": round(score, 2)})
+    return found
 
 
 def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dict], duplicates: int) -> None:
@@ -210,6 +300,12 @@ def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> tuple[pd.DataF
         raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
     if evaluation.empty:
         raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
+    if (turns := evaluation.history.map(len)).any():
+        i = int(turns.to_numpy().nonzero()[0][0])
+        raise DataError(
+            f"{_place(evaluation, i)}: a held-out row is one exchange (evaluation asks one instruction), this one has "
+            f"{turns[i] // 2} earlier exchange(s); keep conversations in the training data"
+        )
     duplicated = _duplicate_pairs(evaluation)
     evaluation = evaluation[~duplicated].reset_index(drop=True)  # collapsed and counted, like training duplicates
     _check_prepared(evaluation)
@@ -253,13 +349,22 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     evaluation, eval_duplicates = _load_heldout(inputs, prompt)
     train, rejected = load_rows(files, inputs.data, prompt)
     train, leaks, duplicates = _drop_duplicates_and_leaks(train, evaluation)
-    rejected = sorted(rejected + leaks, key=lambda r: (r["source_file"], r["source_line"]))
-    _check_enough(inputs, train, rejected, duplicates)
+    train, conflicting, conflicts, left_out = _resolve_conflicts(train, inputs.data.conflicts)
+    rejected = sorted(rejected + leaks + conflicting, key=lambda r: (r["source_file"], r["source_line"]))
+    _check_enough(inputs, train, rejected, duplicates + left_out)
     _check_prepared(train)
     train.to_parquet(out / "train.parquet", index=False)
     evaluation.to_parquet(out / "eval.parquet", index=False)
     pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
-    report = {**_report(files, train, evaluation, rejected, duplicates), "eval_duplicates_collapsed": eval_duplicates}
+    report = {
+        **_report(files, train, evaluation, rejected, duplicates),
+        "eval_duplicates_collapsed": eval_duplicates,
+        "conversations": int((train.history.map(len) > 0).sum()),
+        "conflicts": conflicts,
+        "conflicts_policy": str(inputs.data.conflicts),
+        "conflicts_left_out": left_out,
+        "near_duplicates": _near_duplicates(train, evaluation, inputs.data.near_duplicate_similarity),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(_report_markdown(report), encoding="utf-8")
     hooks.logger.info("%d training rows, %d held-out rows, %d rejected", len(train), len(evaluation), len(rejected))

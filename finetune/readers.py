@@ -11,7 +11,11 @@ from a file's first record (or its header) and then required of every row:
 | prompt/completion | prompt, completion |
 | input/output | input, output |
 | alpaca | instruction, input (may be empty), output |
-| chat | messages: one user turn and one assistant turn (a system turn is allowed) |
+| chat | messages: user and assistant turns in turn, any number of exchanges, an optional system turn first |
+
+A row is its last exchange (instruction, response) and the exchanges before it (`history`: user,
+assistant, user, assistant, ...; empty for the single-exchange layouts). A system turn's text opens the
+first user turn, followed by a blank line, as the saved chat template renders it.
 
 Every row keeps its file and line (the record's number for JSON arrays and Parquet). A row that
 cannot be used becomes a reject with a reason; a file that cannot be read at all is a DataError.
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import PermanentError
+from finetune.template import SYSTEM_SEPARATOR
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 # Compressed forms of those, read like the plain file: data.jsonl.gz, pairs.csv.xz, ...
@@ -98,19 +103,42 @@ def _text_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def chat_turns(messages: Any) -> tuple[list[str] | None, str | None]:
+    """(texts of the turns: user, assistant, user, ..., assistant; None) or (None, reason) for a chat
+    record's messages. A system turn may come first; its text opens the first user turn."""
+    if hasattr(messages, "tolist"):  # a Parquet list cell
+        messages = messages.tolist()
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None, "messages must be a list of {role, content} objects"
+    system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
+    turns = messages[1:] if system is not None else messages
+    roles = [m.get("role") for m in turns]
+    expected = ["user", "assistant"] * (len(roles) // 2)
+    if not roles or roles != expected or len(roles) % 2:
+        shown = ", ".join(str(r) for r in [m.get("role") for m in messages][:8]) + (", ..." if len(messages) > 8 else "")
+        return None, (
+            "messages must be user and assistant turns in turn, starting with user and ending with assistant "
+            f"(an optional system turn first); found roles: {shown}"
+        )
+    texts = [m.get("content") for m in turns]
+    for number, text in enumerate([system, *texts] if system is not None else texts):
+        if problem := _text_problem(f"messages[{number}].content", text):
+            return None, problem
+    if system is not None and visible_text(system):
+        texts[0] = system.strip() + SYSTEM_SEPARATOR + texts[0]
+    return texts, None
+
+
 def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | None, str | None]:
     """(row, None) or (None, reason) for one record of a known layout."""
     if not layout.matches(set(record)):
         return None, f"missing field(s) {sorted(set(layout.fields) - set(record))} of the {layout.name} layout"
+    history: list[str] = []
     if layout.name == "chat":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            return None, "messages must be a list of {role, content} objects"
-        roles = [m.get("role") for m in messages if m.get("role") != "system"]
-        if roles != ["user", "assistant"]:
-            users, assistants = roles.count("user"), roles.count("assistant")
-            return None, f"chat record has {users} user and {assistants} assistant turn(s); exactly one of each is supported"
-        instruction, response = (next(m.get("content") for m in messages if m.get("role") == r) for r in ("user", "assistant"))
+        texts, reason = chat_turns(record["messages"])
+        if texts is None:
+            return None, reason
+        *history, instruction, response = texts
     elif layout.name == "alpaca":
         extra = record["input"]
         if extra is not None and not isinstance(extra, str):
@@ -127,7 +155,7 @@ def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | N
             return None, problem
     if topic is not None and (problem := _text_problem("topic", topic)):
         return None, problem
-    return {"instruction": instruction, "response": response, "topic": topic}, None
+    return {"instruction": instruction, "response": response, "history": history, "topic": topic}, None
 
 
 def _add_records(path: Path, numbered: list[tuple[int, Any]], result: ReadResult) -> None:

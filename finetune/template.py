@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 PLACEHOLDER = "{instruction}"
+SYSTEM_SEPARATOR = "\n\n"  # between a system turn's text and the first user turn's, in data and chat template
 
 
 @dataclass(frozen=True)
@@ -59,20 +60,25 @@ class PromptFormat:
         """A Jinja chat template that renders conversations the way training formatted them, so tools that
         call `apply_chat_template` (vLLM, Ollama, `transformers chat`) prompt the model as it was trained.
 
-        A user turn is `before + content + after`; an assistant turn is its content and EOS. `after` ends
-        with the response marker, so it follows a user turn that gets an answer (the generation prompt, or
-        the assistant turn after it). `bos_token`: written first, for tokenizers that add it when encoding
-        the training prompt (Llama 2's `<s>`). Training had no system prompt: a system turn is an error.
+        A user turn is `before + content + after`; an assistant turn is its content and EOS; turns follow
+        one another with nothing between them. `after` ends with the response marker, so it follows a user
+        turn that gets an answer (the generation prompt, or the assistant turn after it). A system turn may
+        come first: its text opens the first user turn, then a blank line, as the data reader joins them
+        (readers.chat_turns). `bos_token`: written first, for tokenizers that add it when encoding the
+        training prompt (Llama 2's `<s>`).
         """
         literal = json.dumps  # a JSON string is a valid Jinja string literal
         return (
             (f"{{{{ {literal(bos_token)} }}}}" if bos_token else "")
+            + "{%- set ns = namespace(system='') %}"
             + "{%- for message in messages %}"
-            + "{%- if message['role'] == 'user' %}"
-            + f"{{{{ {literal(self.before)} + message['content'] }}}}"
+            + "{%- if message['role'] == 'system' and loop.first %}"
+            + f"{{%- if message['content'] | trim %}}{{%- set ns.system = (message['content'] | trim) + {literal(SYSTEM_SEPARATOR)} %}}{{%- endif %}}"
+            + "{%- elif message['role'] == 'user' %}"
+            + f"{{{{ {literal(self.before)} + ns.system + message['content'] }}}}{{%- set ns.system = '' %}}"
             + f"{{%- if not loop.last or add_generation_prompt %}}{{{{ {literal(self.after)} }}}}{{%- endif %}}"
             + "{%- elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-            + "{%- else %}{{ raise_exception('this model was fine-tuned on user and assistant turns only; "
-            + "leave out ' + message['role'] + ' messages') }}"
+            + "{%- else %}{{ raise_exception('this model was fine-tuned on user and assistant turns, with an optional "
+            + "system turn first; leave out ' + message['role'] + ' messages') }}"
             + "{%- endif %}{%- endfor %}"
         )

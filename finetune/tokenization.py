@@ -7,6 +7,7 @@ model sees at generation time, and the loss mask cannot drift across a merged to
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,24 +47,41 @@ def set_chat_template(tokenizer, template: str) -> None:
     tokenizer.chat_template = PromptFormat(template).chat_template(tokenizer.bos_token if adds_bos else None)
 
 
-def encode_example(tokenizer, template: str, instruction: str, response: str, loss_on: LossOn) -> dict[str, list[int]]:
-    prompt_ids = tokenizer(PromptFormat(template).prompt(instruction), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = prompt_ids + response_ids
-    if loss_on == LossOn.full:
-        labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt_ids)}
+def encode_example(
+    tokenizer, template: str, instruction: str, response: str, loss_on: LossOn, history: Sequence[str] = ()
+) -> dict[str, list[int]]:
+    """Token ids and labels of one conversation: the exchanges of `history` (user, assistant, ...), then
+    `instruction` and `response`. Each exchange is its prompt (the template around the user turn; masked
+    unless loss_on is full) and its response with EOS (trained), one after another, as the saved chat
+    template renders them; only the first prompt gets the tokenizer's special tokens (BOS).
+    `prompt_length`: the first prompt's tokens; `exchange_ends`: where each exchange ends."""
+    prompt = PromptFormat(template)
+    texts = [*history, instruction, response]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    ends: list[int] = []
+    prompt_length = 0
+    for n in range(0, len(texts), 2):
+        prompt_ids = tokenizer(prompt.prompt(texts[n]), add_special_tokens=n == 0)["input_ids"]
+        response_ids = tokenizer(texts[n + 1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_length = prompt_length or len(prompt_ids)
+        labels += (list(prompt_ids) if loss_on == LossOn.full else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+        input_ids += prompt_ids + response_ids
+        ends.append(len(input_ids))
+    return {"input_ids": input_ids, "labels": labels, "prompt_length": prompt_length, "exchange_ends": ends}
 
 
 def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[dict | None, str | None]:
-    """The example within max_length, or the reason it cannot be; truncation cuts the response only."""
+    """The example within max_length, or the reason it cannot be. Truncation keeps the whole exchanges
+    that fit; a first exchange too long on its own has its response cut (never the prompt)."""
     length = len(example["input_ids"])
     if length <= max_length:
         return example, None
     if overlength == OverLength.reject:
         return None, f"{length} tokens, over tokenize.max_length={max_length} (or set tokenize.overlength=truncate)"
+    whole = [end for end in example.get("exchange_ends", []) if end <= max_length]
+    if whole:  # cut at a turn boundary: the exchanges kept end with their EOS
+        return {**example, "input_ids": example["input_ids"][: whole[-1]], "labels": example["labels"][: whole[-1]]}, None
     if example["prompt_length"] >= max_length:
         return None, f"the prompt alone is {example['prompt_length']} tokens, over tokenize.max_length={max_length}"
     # The cut response has no EOS: the model learns to continue, not to stop, on this example.
@@ -73,7 +91,8 @@ def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[
 def encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
     kept_rows, rejected, lengths, truncated = [], [], [], 0
     for row in frame.itertuples():
-        example = encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on)
+        history = list(getattr(row, "history", ()))  # a Parquet list cell reads back as an array
+        example = encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on, history)
         lengths.append(len(example["input_ids"]))
         fitted, reason = fit_length(example, cfg.max_length, cfg.overlength)
         if fitted is not None and not any(t != IGNORE_INDEX for t in fitted["labels"]):

@@ -60,7 +60,7 @@ CASES = [
     ("a chat record with two user turns", "a.jsonl",
      jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "topic": "education"},
            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}),
-     "reject:chat record has 2 user and 1 assistant turn(s)"),  # fmt: skip
+     "reject:messages must be user and assistant turns in turn, starting with user and ending with assistant (an optional system turn first); found roles: user, user, assistant"),  # fmt: skip
     ("chat messages that are not objects", "a.jsonl",
      jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "topic": "education"},
            {"messages": ["hi"]}),
@@ -109,8 +109,7 @@ def test_every_layout_and_format_reads_the_same_pair(tmp_path):
         "a.jsonl": jsonl({"prompt": pair[0], "completion": pair[1]}),
         "b.jsonl": jsonl({"input": pair[0], "output": pair[1]}),
         "c.json": json.dumps([{"instruction": pair[0], "input": "", "output": pair[1]}]).encode(),
-        "d.jsonl": jsonl({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": pair[0]},
-                                       {"role": "assistant", "content": pair[1]}]}),  # fmt: skip
+        "d.jsonl": jsonl({"messages": [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]}),
         "e.csv": f'instruction,response\n"{pair[0]}","{pair[1]}"\n'.encode(),
         "f.txt": f"### HUMAN:\n{pair[0]}\n\n### RESPONSE:\n{pair[1]}\n".encode(),
     }

@@ -33,7 +33,7 @@ def test_default_data_passes_with_zero_rejects_and_raw_is_untouched(workspace):
     assert all(count >= 20 for count in report["topics_train"].values())
     assert all(count >= 5 for count in report["topics_eval"].values())
     train = pd.read_parquet(out / "train.parquet")
-    assert list(train.columns) == ["instruction", "response", "topic", "source_file", "source_line"]
+    assert list(train.columns) == ["instruction", "response", "history", "topic", "source_file", "source_line"]
     assert _tree_digest(raw) == before
 
 

@@ -101,5 +101,8 @@ def test_the_chat_template_renders_a_user_turn_exactly_as_training_did(tiny_mode
     history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
     text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
     assert text == PromptFormat(template).prompt("Q1") + "A1" + tokenizer.eos_token + PromptFormat(template).prompt("Q2")
-    with pytest.raises(Exception, match="user and assistant turns only"):
-        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenize=False)
+    system = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(system, add_generation_prompt=True, tokenize=False) == PromptFormat(template).prompt("Be brief.\n\nHi")
+    for wrong in ([*system[::-1]], [{"role": "tool", "content": "{}"}]):  # a system turn after the first; another role
+        with pytest.raises(Exception, match="user and assistant turns, with an optional system turn first"):
+            tokenizer.apply_chat_template(wrong, tokenize=False)

@@ -34,7 +34,7 @@ def _validate_command(workspace, *extra: str) -> subprocess.CompletedProcess:
 @given(st.lists(INVISIBLE, max_size=6), st.one_of(st.none(), VISIBLE), st.lists(INVISIBLE, max_size=6))
 def test_a_field_is_empty_exactly_when_nothing_visible_is_left(before, visible, after):
     text = "".join(before) + (visible or "") + "".join(after)
-    frame = pd.DataFrame([{"instruction": text, "response": "fine", "topic": None, "source_file": "f.jsonl", "source_line": 1}])
+    frame = pd.DataFrame([{"instruction": text, "response": "fine", "history": [], "topic": None, "source_file": "f.jsonl", "source_line": 1}])
 
     _, rejected = _validate(frame, DataConfig(), PromptFormat(TokenizeConfig().template))
 
