@@ -416,13 +416,15 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
 
 def check_inputs(config: FinetuneConfig) -> None:
     """The data files the config names exist: checked before anything heavy is imported."""
-    from finetune.readers import READABLE, format_of
+    from finetune.readers import DataError, data_files
 
     raw_dir, heldout = config.paths.raw_dir, config.paths.heldout_path
     if not raw_dir.is_dir():
         raise ConfigError(f"paths.raw_dir: {raw_dir} is not a folder; point it at the training pairs")
-    if not any(format_of(p) for p in raw_dir.iterdir()):
-        raise ConfigError(f"paths.raw_dir: {raw_dir} has no data files ({READABLE})")
+    try:  # no data files, or a file that no reader handles and data.exclude does not leave out
+        data_files(raw_dir, tuple(config.data.exclude))
+    except DataError as error:
+        raise ConfigError(f"paths.raw_dir: {error}") from None
     if not heldout.is_file():
         raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
     if not heldout.read_bytes().strip():

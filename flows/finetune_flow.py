@@ -7,6 +7,7 @@ sections.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from prefect.runtime import flow_run
 
 from finetune.champion import champion_model_dir
 from finetune.config import FinetuneConfig, check_hardware, load_config
+from finetune.errors import PermanentError
 from finetune.evaluate import EvaluateInputs, ScoreInputs
 from finetune.merge import MergeInputs
 from finetune.prepare import PrepareInputs
@@ -35,6 +37,24 @@ from tasks.stages import (
     tokenize_task,
     train_task,
 )
+
+
+class _MessageOnlyForPermanent(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback. For a failure that the user fixes (bad
+    data, a bad config key: finetune.errors.PermanentError, or a stage failure it caused) the message
+    already names the file, line or key; the traceback would only point into this project's code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None and not isinstance(error, PermanentError):
+            error = error.__cause__
+        if error is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_logger).addFilter(_MessageOnlyForPermanent())
 
 
 class StageFailed(RuntimeError):

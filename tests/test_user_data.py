@@ -95,3 +95,76 @@ def test_compressed_files_are_read_and_any_other_file_is_named_with_how_to_leave
 
     assert "Training rows: **107** from 7 file(s)" in report
     assert "| extra.jsonl.gz | 2 | 0 |" in report and "| more.csv.xz | 1 | 0 |" in report
+
+
+def _run_command(workspace, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral Prefect, as a user's first run
+    sets = [arg for item in [*workspace_overrides(workspace), *extra] for arg in ("--set", item)]
+    return subprocess.run([sys.executable, "-m", "finetune.cli", "run", *sets], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(result: subprocess.CompletedProcess) -> str:
+    ours = [line for line in result.stderr.splitlines() if line.startswith("finetune: ")]
+    assert len(ours) == 1 and "Traceback" not in result.stderr, result.stderr
+    return ours[0]
+
+
+STOCK = "What is the difference between a stock and a bond?"  # data/raw/business_finance.jsonl:3
+DEBIT = "What is the difference between a debit card and a credit card?"  # data/eval/heldout.jsonl:12
+
+
+def test_one_instruction_with_two_responses_is_rejected_by_both_places_and_a_near_copy_of_a_held_out_row_is_listed(workspace):
+    raw, heldout = workspace / "data/raw", workspace / "data/eval/heldout.jsonl"
+    conflict = {"instruction": STOCK.lower().replace(" a ", "  a "), "response": "Stocks are loans and bonds are shares.", "topic": "business_finance"}
+    near = {"instruction": DEBIT.replace("What is", "What's"), "response": "One spends your money, the other borrows.", "topic": "business_finance"}
+    (raw / "conflict.jsonl").write_text(json.dumps(conflict) + "\n" + json.dumps(near) + "\n")
+
+    result = _validate_command(workspace)
+
+    assert result.returncode == 0, result.stderr
+    assert "rejected: **2**" in result.stdout
+    assert "Same instruction, different responses (1; data.conflicts: reject):" in result.stdout
+    assert (
+        f"`{raw}/business_finance.jsonl:3`: same instruction as {raw}/conflict.jsonl:1 with a different response; "
+        "fix one of them, or set data.conflicts: keep_first or keep_all"
+    ) in result.stdout
+    assert f"`{raw}/conflict.jsonl:1`: same instruction as {raw}/business_finance.jsonl:3 with a different response" in result.stdout
+    assert f"- `{raw}/conflict.jsonl:2` ~ `{heldout}:12` (0." in result.stdout
+
+    line = _one_line(_run_command(workspace, "data.max_reject_share=0"))
+    assert line.startswith("finetune: stage prepare failed: 2 of 106 rows rejected, over data.max_reject_share=0.0: ")
+    assert f"{raw}/business_finance.jsonl:3 (same instruction as {raw}/conflict.jsonl:1 with a different response" in line
+
+    for policy, rows, left_out in (("keep_first", 105, 1), ("keep_all", 106, 0)):
+        out = prepare_dataset(prepare_inputs(raw, heldout, DataConfig(conflicts=policy)), workspace / policy)
+        report = json.loads((out / "report.json").read_text())
+        assert (report["train_rows"], report["rejected_rows"], report["conflicts_left_out"]) == (rows, 0, left_out)
+        assert report["conflicts"] == [{"instruction": STOCK, "places": [f"{raw}/business_finance.jsonl:3", f"{raw}/conflict.jsonl:1"]}]
+        [listed] = report["near_duplicates"]
+        assert (listed["train"], listed["heldout"]) == (f"{raw}/conflict.jsonl:2", f"{heldout}:12") and 0.7 <= listed["similarity"] < 1
+
+
+def test_a_file_no_reader_handles_stops_validate_and_run_before_anything_runs(workspace):
+    raw = workspace / "data/raw"
+    (raw / "pairs.jsonl.zst").write_bytes(b"(\xb5/\xfd compressed with a codec no reader has")
+
+    for result in (_validate_command(workspace), _run_command(workspace)):
+        assert result.returncode == 2
+        assert _one_line(result) == "finetune: config error:"
+        assert f"paths.raw_dir: {raw}: no reader for pairs.jsonl.zst; readable: .jsonl" in result.stderr
+        assert "leave it out with data.exclude: ['.*', 'pairs.jsonl.zst']" in result.stderr
+
+    assert _validate_command(workspace, "data.exclude=['.*', '*.zst']").returncode == 0
+
+
+def test_a_held_out_row_of_several_exchanges_fails_by_place_through_run(workspace):
+    heldout = workspace / "data/eval/heldout.jsonl"
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}] * 2
+    heldout.write_text(json.dumps({"messages": turns[:2]}) + "\n" + json.dumps({"messages": turns}) + "\n")
+
+    line = _one_line(_run_command(workspace))
+
+    assert line.startswith(
+        f"finetune: stage prepare failed: {heldout}:2: a held-out row is one exchange (evaluation asks one instruction), "
+        "this one has 1 earlier exchange(s); keep conversations in the training data"
+    )
