@@ -1,5 +1,6 @@
 """Data that was not written for this project: invisible text, a held-out pair written twice, topics
-outside a list. What `finetune validate` and the prepare stage make of it."""
+outside a list, one instruction with two answers, near copies of held-out rows, files no reader handles.
+What `finetune validate`, `finetune run` and the prepare stage make of each."""
 
 from __future__ import annotations
 
@@ -168,3 +169,27 @@ def test_a_held_out_row_of_several_exchanges_fails_by_place_through_run(workspac
         f"finetune: stage prepare failed: {heldout}:2: a held-out row is one exchange (evaluation asks one instruction), "
         "this one has 1 earlier exchange(s); keep conversations in the training data"
     )
+
+
+def test_invisible_text_and_topics_outside_the_list_fail_validate_and_run_on_one_line_naming_the_keys(workspace):
+    raw = workspace / "data/raw"
+    rows = [
+        {"instruction": "\u200b\u2060", "response": "An answer.", "topic": "education"},
+        {"instruction": "How long do I boil an egg?", "response": "About nine minutes for a firm yolk.", "topic": "cooking"},
+    ]
+    (raw / "new.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    topics = "[business_finance, education, environment, health_wellness, science_technology]"
+    limits = (f"data.topics={topics}", "data.max_reject_share=0")
+    reasons = (
+        f"{raw}/new.jsonl:1 (instruction is empty after trimming whitespace and invisible format characters",
+        f"{raw}/new.jsonl:2 (topic is missing or not one of data.topics ['business_finance', 'education', 'environment', "
+        "'health_wellness', 'science_technology']; data.topics: null accepts any topic)",
+    )
+
+    validate = _validate_command(workspace, *limits)
+    run = _run_command(workspace, *limits)
+
+    assert validate.returncode == run.returncode == 1
+    for line, start in ((_one_line(validate), "finetune: data error: "), (_one_line(run), "finetune: stage prepare failed: ")):
+        assert line.startswith(start + "2 of 106 rows rejected, over data.max_reject_share=0.0: ")
+        assert all(reason in line for reason in reasons) and "Fix those rows or raise the limit." in line
