@@ -1,5 +1,6 @@
 """`finetune run [--config PATH] [--set key=value ...]`: run the flow once and say where its record is.
 `finetune validate`: the data contract alone. `finetune chat [PROMPT]`: talk to a run's model.
+`finetune export` / `finetune push`: a finished run's model as checked GGUF files, or on a hub.
 
 Runs against the Prefect server in PREFECT_API_URL when set, else in Prefect's ephemeral mode.
 """
@@ -7,6 +8,7 @@ Runs against the Prefect server in PREFECT_API_URL when set, else in Prefect's e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", action="store_true", help="the base with the adapter (4-bit) instead of the merged model")
     chat.add_argument("--file", type=Path, help="a file of prompts, one per line")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
-    for command in (run, validate, chat):
+    export = commands.add_parser("export", help="GGUF files and an Ollama Modelfile of a finished run's merged model, checked")
+    export.add_argument("--run", help="the run's name (default: the latest completed run); --set export.gguf=[q8_0,bf16] picks the types")
+    push = commands.add_parser("push", help="upload a finished run's merged model (or adapter) with a model card to a hub repository")
+    push.add_argument("--run", help="the run's name (default: the latest completed run)")
+    push.add_argument("--repo", required=True, help="the hub repository, e.g. you/my-model (created if missing)")
+    push.add_argument("--adapter", action="store_true", help="upload the LoRA adapter alone instead of the merged model")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    for command in (run, validate, chat, export, push):
         command.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG} if present)")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -78,12 +87,41 @@ def _chat(config, args) -> int:
     return 0
 
 
+def _publish(config, args) -> int:
+    """`finetune export` and `finetune push`: a finished run's model, taken elsewhere."""
+    from finetune.chat import ChatError
+    from finetune.errors import PermanentError
+    from finetune.publish import export_run, push_run
+
+    try:
+        if args.command == "export":
+            folder = export_run(config.paths.runs_dir, args.run, args.overrides, config.paths.output_dir)
+        else:
+            from tasks.stages import load_secret
+
+            url = push_run(config.paths.runs_dir, args.run, args.repo, args.adapter, args.private, load_secret)
+    except ChatError as error:
+        print(f"finetune: {error}", file=sys.stderr)
+        return 2
+    except (PermanentError, ConfigError) as error:
+        print(f"finetune: {args.command} failed: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if args.command == "push":
+        print(f"pushed to {url}")
+        return 0
+    for entry in json.loads((folder / "export_check.json").read_text(encoding="utf-8"))["files"]:
+        print(f"{folder / entry['file']}  {entry['bytes'] / 1e6:.1f} MB  next-token agreement {100 * entry['token_agreement']:.1f}%  "
+              f"same answers {entry['same_answers']} of {entry['answers']}")  # fmt: skip
+    print(f"ollama create <name> -f {folder / 'Modelfile'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         config = load_config(config_path, args.overrides)  # fail here, before Prefect starts, on a bad key
-        if args.command != "chat":
+        if args.command in ("run", "validate"):
             check_inputs(config)
         if args.command == "run":
             check_hardware(config)  # imports torch; validate needs no model
@@ -94,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(config)
     if args.command == "chat":
         return _chat(config, args)
+    if args.command in ("export", "push"):
+        return _publish(config, args)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
     from flows.finetune_flow import StageFailed, finetune

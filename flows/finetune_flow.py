@@ -19,6 +19,7 @@ from finetune.champion import champion_model_dir
 from finetune.config import FinetuneConfig, check_hardware, load_config
 from finetune.errors import PermanentError
 from finetune.evaluate import EvaluateInputs, ScoreInputs
+from finetune.export import ExportInputs
 from finetune.merge import MergeInputs
 from finetune.prepare import PrepareInputs
 from finetune.record import RunRecord
@@ -30,6 +31,7 @@ from tasks.reporting import publish_reports
 from tasks.stages import (
     StageTask,
     evaluate_task,
+    export_task,
     merge_task,
     prepare_task,
     resolve_model_task,
@@ -137,6 +139,10 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     merged_dir = _run_stage(record, merge_task, MergeInputs(
         train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenize=config.tokenize, merge=config.merge,
     ), paths.output_dir)  # fmt: skip
+    if config.export.gguf:
+        _run_stage(record, export_task, ExportInputs(
+            merged_dir=merged_dir, prepared_dir=prepared_dir, template=config.tokenize.template, export=config.export,
+        ), paths.output_dir)  # fmt: skip
     _promote(record, config, prepared_dir, merged_dir)
 
     result = record.finish("completed")

@@ -19,6 +19,7 @@ from prefect.states import State
 
 from finetune.config import ConfigError
 from finetune.evaluate import evaluate_adapter, score_model
+from finetune.export import export_gguf
 from finetune.merge import merge_adapter
 from finetune.prepare import prepare_dataset
 from finetune.resolve import resolve_model
@@ -44,7 +45,7 @@ def _progress_reporter(artifact_key: str, description: str):
     return report
 
 
-def _load_secret(name: str) -> str:
+def load_secret(name: str) -> str:
     """The value of the Prefect Secret block `name` (from the server, or the local database)."""
     from prefect.blocks.system import Secret
 
@@ -91,7 +92,7 @@ def stage_task(
     )
     def run(inputs: Inputs, root: Path, key: str) -> Path:
         report = _progress_reporter(*progress) if progress is not None else Hooks().progress
-        hooks = Hooks(logger=get_run_logger(), progress=report, secret=_load_secret)
+        hooks = Hooks(logger=get_run_logger(), progress=report, secret=load_secret)
         if slot is None:
             return stage(inputs, root, key=key, hooks=hooks)
         with concurrency(slot, occupy=1):
@@ -109,4 +110,5 @@ train_task = stage_task(
 )  # fmt: skip
 evaluate_task = stage_task(evaluate_adapter, retries=1, retry_delay_seconds=[10])
 merge_task = stage_task(merge_adapter, retries=1, retry_delay_seconds=[10])
+export_task = stage_task(export_gguf, retries=1, retry_delay_seconds=[10])
 score_task = stage_task(score_model, retries=1, retry_delay_seconds=[10])
