@@ -137,13 +137,15 @@ def test_a_run_with_export_gguf_exports_after_merge_and_its_run_card_lists_the_f
 
     _, overrides, _ = tiny_flow_run
 
-    record = finetune(str(TINY), [*overrides, "export.gguf=[q8_0]"])
+    record = finetune(str(TINY), [*overrides, "export.gguf=[bf16, q8_0]"])  # the files `finetune export` made above, if it ran
 
     assert record["status"] == "completed"
     assert [name for name in record["stages"]][-3:] == ["merge", "export", "score"]
     assert all(record["stages"][name]["state"] == "cached" for name in ("prepare", "tokenize", "train", "evaluate", "merge"))
     folder = Path(record["stages"]["export"]["output_dir"])
-    [entry] = record["metrics"]["exported"]
+    assert [entry["file"] for entry in record["metrics"]["exported"]] == ["model-bf16.gguf", "model-q8_0.gguf"]
     card = (Path(record["run_dir"]) / "run_card.md").read_text()
     assert f"GGUF export (`{folder}`, with a Modelfile for `ollama create`):" in card
-    assert f"| model-q8_0.gguf | {entry['bytes'] / 1e6:.1f} MB | {100 * entry['token_agreement']:.1f}% | " in card and "passed (bar 95%)" in card
+    for entry in record["metrics"]["exported"]:
+        assert f"| {entry['file']} | {entry['bytes'] / 1e6:.1f} MB | {100 * entry['token_agreement']:.1f}% | " in card
+    assert card.count("passed (bar 95%)") == 2

@@ -99,7 +99,10 @@ def test_compressed_files_are_read_and_any_other_file_is_named_with_how_to_leave
 
 
 def _run_command(workspace, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral Prefect, as a user's first run
+    """`finetune run` against the session's Prefect server (the prefect_server fixture), as with PREFECT_API_URL set."""
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
     sets = [arg for item in [*workspace_overrides(workspace), *extra] for arg in ("--set", item)]
     return subprocess.run([sys.executable, "-m", "finetune.cli", "run", *sets], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -114,7 +117,7 @@ STOCK = "What is the difference between a stock and a bond?"  # data/raw/busines
 DEBIT = "What is the difference between a debit card and a credit card?"  # data/eval/heldout.jsonl:12
 
 
-def test_one_instruction_with_two_responses_is_rejected_by_both_places_and_a_near_copy_of_a_held_out_row_is_listed(workspace):
+def test_one_instruction_with_two_responses_is_rejected_by_both_places_and_a_near_copy_of_a_held_out_row_is_listed(prefect_server, workspace):
     raw, heldout = workspace / "data/raw", workspace / "data/eval/heldout.jsonl"
     conflict = {"instruction": STOCK.lower().replace(" a ", "  a "), "response": "Stocks are loans and bonds are shares.", "topic": "business_finance"}
     near = {"instruction": DEBIT.replace("What is", "What's"), "response": "One spends your money, the other borrows.", "topic": "business_finance"}
@@ -145,7 +148,7 @@ def test_one_instruction_with_two_responses_is_rejected_by_both_places_and_a_nea
         assert (listed["train"], listed["heldout"]) == (f"{raw}/conflict.jsonl:2", f"{heldout}:12") and 0.7 <= listed["similarity"] < 1
 
 
-def test_a_file_no_reader_handles_stops_validate_and_run_before_anything_runs(workspace):
+def test_a_file_no_reader_handles_stops_validate_and_run_before_anything_runs(prefect_server, workspace):
     raw = workspace / "data/raw"
     (raw / "pairs.jsonl.zst").write_bytes(b"(\xb5/\xfd compressed with a codec no reader has")
 
@@ -158,7 +161,7 @@ def test_a_file_no_reader_handles_stops_validate_and_run_before_anything_runs(wo
     assert _validate_command(workspace, "data.exclude=['.*', '*.zst']").returncode == 0
 
 
-def test_a_held_out_row_of_several_exchanges_fails_by_place_through_run(workspace):
+def test_a_held_out_row_of_several_exchanges_fails_by_place_through_run(prefect_server, workspace):
     heldout = workspace / "data/eval/heldout.jsonl"
     turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}] * 2
     heldout.write_text(json.dumps({"messages": turns[:2]}) + "\n" + json.dumps({"messages": turns}) + "\n")
@@ -171,7 +174,7 @@ def test_a_held_out_row_of_several_exchanges_fails_by_place_through_run(workspac
     )
 
 
-def test_invisible_text_and_topics_outside_the_list_fail_validate_and_run_on_one_line_naming_the_keys(workspace):
+def test_invisible_text_and_topics_outside_the_list_fail_validate_and_run_on_one_line_naming_the_keys(prefect_server, workspace):
     raw = workspace / "data/raw"
     rows = [
         {"instruction": "\u200b\u2060", "response": "An answer.", "topic": "education"},
