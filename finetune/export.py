@@ -10,11 +10,12 @@ so that `ollama create NAME -f Modelfile` works without editing.
 The check reads each file with a reader independent of the converter: the GGUF metadata with the `gguf`
 package's reader (the chat template and EOS must be the trained ones), the weights with transformers'
 GGUF loader, which dequantizes them into a transformers model. That model and the merged model, both in
-float32, answer the held-out prompts greedily and are compared two ways: whole answers, and the top-1
-next token at every position of the merged model's answers (teacher-forced). A type that holds the
-merged weights without rounding (bf16 of a bfloat16 merge, f32 of any) must agree everywhere; any other
-(q8_0, or bf16 of a float32 merge) on at least `export.min_token_agreement` of the positions. Any failure fails the stage, and the stage's folder only
-appears once every file passed (outputs.build_output), so nothing looks finished.
+float32 (on the GPU where there is one), answer the held-out prompts greedily and are compared two ways:
+whole answers, and the top-1 next token at every position of the merged model's answers (teacher-forced).
+A type that holds the merged weights without rounding (bf16 of a bfloat16 merge, f32 of any) must agree
+everywhere; any other (q8_0, or bf16 of a float32 merge) on at least `export.min_token_agreement` of the
+positions. Any failure fails the stage, and the stage's folder only appears once every file passed
+(outputs.build_output), so nothing looks finished.
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def _answers_and_logits(model, tokenizer, prompts: list[str], max_new_tokens: in
     return generated, continuation_logits(model, tokenizer, prompts, answers if answers is not None else generated)
 
 
+def _free() -> None:
+    """Give a model's GPU memory back before the next one loads (a 7B model in float32 is 27 GB)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def merged_dtype(model_dir: Path) -> str:
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -117,10 +129,14 @@ def check_file(path: Path, outtype: str, tokenizer, prompts: list[str], referenc
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune.modeling import device_name
+
     metadata = gguf_metadata(path)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).to(device_name())
     answers, logits = reference
     read_answers, read_logits = _answers_and_logits(model, tokenizer, prompts, export.check_max_new_tokens, answers)
+    del model
+    _free()
     agreeing = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, read_logits))
     positions = sum(a.shape[0] for a in logits)
     exact = dtype in LOSSLESS.get(outtype, set())
@@ -157,6 +173,7 @@ def _export(inputs: ExportInputs, key: str, out: Path, hooks: Hooks) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune.modeling import device_name
     from finetune.tokenization import load_tokenizer, set_chat_template
 
     if importlib.util.find_spec(GGUF_CONVERTER) is None:
@@ -166,12 +183,15 @@ def _export(inputs: ExportInputs, key: str, out: Path, hooks: Hooks) -> dict:
     set_chat_template(tokenizer, inputs.template)  # what the files must carry: the trained format, whatever the folder holds
     prompt = PromptFormat(inputs.template)
     prompts = [prompt.prompt(text) for text in pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet").instruction]
-    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hooks.logger.info("the merged model answers %d held-out prompts (the reference of the check)", len(prompts))
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device_name())
     reference = _answers_and_logits(merged, tokenizer, prompts, inputs.export.check_max_new_tokens)
     del merged
+    _free()
     results = []
     for outtype in inputs.export.gguf:
         path = out / f"model-{outtype}.gguf"
+        hooks.logger.info("converting to %s with llama.cpp's converter, then reading it back", outtype)
         convert(model_dir, outtype, path)
         results.append(check_file(path, outtype, tokenizer, prompts, reference, inputs.export, merged_dtype(model_dir)))
         hooks.logger.info("%s: %.1f MB, next-token agreement %.1f%%, %d of %d answers the same", path.name,

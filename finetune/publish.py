@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.chat import ChatError, find_run
-from finetune.config import ExportConfig, FinetuneConfig, load_config
+from finetune.config import FinetuneConfig, load_config
 from finetune.errors import PermanentError
 
 DEFAULT_EXPORT = ["q8_0"]  # `finetune export` without export.gguf in the config
@@ -44,7 +44,7 @@ def export_run(runs_dir: Path, name: str | None, overrides: list[str], output_di
     run_dir = find_run(runs_dir, name)
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     config = run_config(run_dir, overrides)
-    export = config.export if config.export.gguf else ExportConfig(**{**config.export.model_dump(), "gguf": DEFAULT_EXPORT})
+    export = config.export if config.export.gguf else config.export.model_copy(update={"gguf": DEFAULT_EXPORT})
     inputs = ExportInputs(
         merged_dir=_stage_dir(run, "merge", run_dir), prepared_dir=_stage_dir(run, "prepare", run_dir),
         template=config.tokenize.template, export=export,
