@@ -23,8 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["FINETUNE_CACHE_DIR"] = str(args.cache or tempfile.mkdtemp(prefix="digests-"))
 
-    from finetune.config import ModelConfig
-    from finetune.resolve import ResolveInputs, resolve_model
+    from finetune.core.config import ModelConfig
+    from finetune.stages.resolve import ResolveInputs, resolve_model
 
     inputs = ResolveInputs.of(ModelConfig(base=str(args.model_dir)))
     times, keys = [], []

@@ -112,7 +112,7 @@ def _free() -> None:
 def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Path, device: str) -> dict:
     import pandas as pd
 
-    from finetune.train import TrainInputs, train_adapter
+    from finetune.stages.train import TrainInputs, train_adapter
 
     inputs = TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)
     started = time.perf_counter()
@@ -196,10 +196,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.config import ModelConfig, load_config
-    from finetune.prepare import PrepareInputs, prepare_dataset
-    from finetune.resolve import ResolveInputs, builtin_gguf_path, resolve_model
-    from finetune.tokenization import TokenizeInputs, tokenize_dataset
+    from finetune.core.config import ModelConfig, load_config
+    from finetune.stages.prepare import PrepareInputs, prepare_dataset
+    from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
+    from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     base = ["train.save_every_steps=100000", *args.overrides]  # checkpoint saves are not training time

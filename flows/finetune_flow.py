@@ -15,17 +15,19 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from finetune.champion import champion_model_dir
-from finetune.config import FinetuneConfig, check_hardware, load_config
-from finetune.errors import PermanentError
-from finetune.evaluate import EvaluateInputs, ScoreInputs
-from finetune.export import ExportInputs
-from finetune.merge import MergeInputs
-from finetune.prepare import PrepareInputs
-from finetune.record import RunRecord
-from finetune.resolve import ResolveInputs
-from finetune.tokenization import TokenizeInputs
-from finetune.train import TrainInputs
+from finetune.core.champion import champion_model_dir
+from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.errors import PermanentError
+from finetune.core.preflight import check_hardware
+from finetune.core.record import RunRecord
+from finetune.reporting.run_card import write_run_reports
+from finetune.stages.evaluate import EvaluateInputs, ScoreInputs
+from finetune.stages.export import ExportInputs
+from finetune.stages.merge import MergeInputs
+from finetune.stages.prepare import PrepareInputs
+from finetune.stages.resolve import ResolveInputs
+from finetune.stages.tokenize import TokenizeInputs
+from finetune.stages.train import TrainInputs
 from tasks.promotion import promote_task
 from tasks.reporting import publish_reports
 from tasks.stages import (
@@ -43,7 +45,7 @@ from tasks.stages import (
 
 class _MessageOnlyForPermanent(logging.Filter):
     """Prefect logs a failed task or flow run with its traceback. For a failure that the user fixes (bad
-    data, a bad config key: finetune.errors.PermanentError, or a stage failure it caused) the message
+    data, a bad config key: finetune.core.errors.PermanentError, or a stage failure it caused) the message
     already names the file, line or key; the traceback would only point into this project's code."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -55,8 +57,17 @@ class _MessageOnlyForPermanent(logging.Filter):
         return True
 
 
-for _logger in ("prefect.task_runs", "prefect.flow_runs"):
-    logging.getLogger(_logger).addFilter(_MessageOnlyForPermanent())
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+def hide_tracebacks_of_permanent_errors() -> None:
+    """Install the filter on Prefect's run loggers, once per process. Called when the flow starts, not at
+    import: importing this module (a test, a notebook) changes no logging. It stays for the process, since
+    Prefect logs the flow run's own failure after the flow function has returned."""
+    for name in RUN_LOGGERS:
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, _MessageOnlyForPermanent) for f in run_logger.filters):
+            run_logger.addFilter(_MessageOnlyForPermanent())
 
 
 class StageFailed(RuntimeError):
@@ -69,10 +80,18 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def _close(record: RunRecord, status: str, error: str | None = None) -> dict[str, Any]:
+    """Finish the record (run.json), write its run card and pictures, and publish them as artifacts."""
+    result = record.finish(status, error)
+    write_run_reports(result)
+    publish_reports(result)
+    return result
+
+
 def _fail(record: RunRecord, name: str, error: BaseException) -> StageFailed:
     """Finish the record as failed at `name`, publish it, and return the error for the caller to raise."""
     reason = _first_line(error)
-    publish_reports(record.finish("failed", f"{name}: {reason}"))
+    _close(record, "failed", f"{name}: {reason}")
     return StageFailed(name, reason, record.run_dir)
 
 
@@ -116,6 +135,7 @@ def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merg
 @flow(name="finetune", log_prints=True)
 def finetune(config_path: str | None = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """QLoRA fine-tuning as `config_path` plus dotted `overrides` (["lora.r=16"]) say; returns the run record."""
+    hide_tracebacks_of_permanent_errors()
     config = load_config(Path(config_path) if config_path else None, overrides or [])
     check_hardware(config)  # before any stage: a paged optimizer on a CPU worker fails here, not in train
     paths = config.paths
@@ -145,6 +165,4 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
         ), paths.output_dir)  # fmt: skip
     _promote(record, config, prepared_dir, merged_dir)
 
-    result = record.finish("completed")
-    publish_reports(result)
-    return result
+    return _close(record, "completed")

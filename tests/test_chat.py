@@ -82,7 +82,7 @@ def test_finetune_chat_reads_a_file_of_prompts_and_talks_to_the_adapter(finished
 
 
 def test_finetune_chat_says_clearly_when_there_is_no_model(finished_run, tmp_path):
-    from finetune.chat import ChatError, find_run, load_chat_model
+    from finetune.cli.chat import ChatError, find_run, load_chat_model
 
     _, overrides = finished_run
     result = _chat(overrides, "--run", "no-such-run", "Hi")

@@ -3,18 +3,17 @@ from typing import get_args
 import pytest
 import yaml
 
-from finetune.config import (
+from finetune.core.config import (
     CUDA_OPTIMIZERS,
     ConfigError,
     FinetuneConfig,
     LossOn,
     Optimizer,
     Scheduler,
-    check_hardware,
-    hardware_problems,
     load_config,
 )
-from finetune.errors import PermanentError
+from finetune.core.errors import PermanentError
+from finetune.core.preflight import check_hardware, hardware_problems
 from tests.conftest import ROOT
 
 

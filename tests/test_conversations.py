@@ -7,11 +7,17 @@ import json
 
 import pytest
 
-from finetune.config import DataConfig, LossOn, OverLength
-from finetune.prepare import load_rows, prepare_dataset
-from finetune.readers import data_files
-from finetune.template import PromptFormat
-from finetune.tokenization import IGNORE_INDEX, encode_example, fit_length, load_tokenizer, set_chat_template
+from finetune.core.config import DataConfig, LossOn, OverLength
+from finetune.data.readers import data_files
+from finetune.data.template import PromptFormat
+from finetune.stages.prepare import load_rows, prepare_dataset
+from finetune.stages.tokenize import (
+    IGNORE_INDEX,
+    encode_example,
+    fit_length,
+    load_tokenizer,
+    set_chat_template,
+)
 from tests.conftest import prepare_inputs
 
 SEED = "### HUMAN:\n{instruction}\n\n### RESPONSE:\n"

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.config import DataConfig, TokenizeConfig
-from finetune.prepare import load_rows, prepare_dataset
-from finetune.readers import DataError, data_files
-from finetune.template import PromptFormat
+from finetune.core.config import DataConfig, TokenizeConfig
+from finetune.data.readers import DataError, data_files
+from finetune.data.template import PromptFormat
+from finetune.stages.prepare import load_rows, prepare_dataset
 from tests.conftest import ROOT, prepare_inputs
 
 PROMPT = PromptFormat(TokenizeConfig().template)

@@ -253,7 +253,7 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    from finetune.config import PathsConfig
+    from finetune.core.config import PathsConfig
 
     async def render():
         async with get_client() as client:

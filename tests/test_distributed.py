@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import load_config
-from finetune.distributed import RankFailed, train_on_ranks
-from finetune.stage import Hooks
+from finetune.core.config import load_config
+from finetune.core.stage import Hooks
+from finetune.training.distributed import RankFailed, train_on_ranks
 from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def _config(workspace: Path, *extra: str):
 
 
 def test_two_ranks_train_the_steps_of_one_process_and_rank_zero_streams_its_log(workspace, tiny_model_dir, tmp_path):
-    from finetune.train import train_adapter
+    from finetune.stages.train import train_adapter
 
     config = _config(workspace, "train.epochs=0.25")  # 4 steps
     _, tokenized_dir = tokenized_data(config, tiny_model_dir, tmp_path)

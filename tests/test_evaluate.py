@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from finetune.stats import paired_difference
+from finetune.reporting.stats import paired_difference
 
 
 def test_paired_intervals_are_seeded_and_see_a_small_shift_that_unpaired_noise_would_hide():
@@ -43,8 +43,8 @@ def test_an_untrained_adapter_evaluates_identical_to_the_base(tiny_model_dir, wo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import load_config
-    from finetune.evaluate import EvaluateInputs, evaluate_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.evaluate import EvaluateInputs, evaluate_adapter
     from tests.conftest import ROOT, tokenized_data, workspace_overrides
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"])

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import ExportConfig, load_config
-from finetune.export import ExportError, ExportInputs, export_gguf, gguf_metadata, ollama_modelfile
-from finetune.tokenization import load_tokenizer
+from finetune.core.config import ExportConfig, load_config
+from finetune.stages.export import (
+    ExportError,
+    ExportInputs,
+    export_gguf,
+    gguf_metadata,
+    ollama_modelfile,
+)
+from finetune.stages.tokenize import load_tokenizer
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -95,7 +101,7 @@ func main() {
 
 @pytest.mark.parametrize("template", ["### HUMAN:\n{instruction}\n\n### RESPONSE:\n", "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"])
 def test_the_modelfile_template_renders_in_go_what_the_saved_chat_template_renders(tiny_model_dir, tmp_path, template):
-    from finetune.tokenization import set_chat_template
+    from finetune.stages.tokenize import set_chat_template
 
     if shutil.which("go") is None:
         if os.environ.get("FINETUNE_REQUIRE_GO"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -55,7 +55,7 @@ def _states(record: dict) -> dict[str, str]:
 
 
 def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspace, tiny_model_dir, tmp_path):
-    from finetune.train import train_adapter
+    from finetune.stages.train import train_adapter
 
     overrides = _overrides(workspace, tiny_model_dir, *LONGER)
     killed = subprocess.Popen(
@@ -100,7 +100,7 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
 def test_truncated_newest_checkpoint_falls_back_to_the_one_before(workspace, tiny_model_dir, monkeypatch):
     import transformers
 
-    from finetune.train import checkpoints_dir, train_adapter
+    from finetune.stages.train import checkpoints_dir, train_adapter
 
     config = load_config(TINY, _overrides(workspace, tiny_model_dir, *LONGER))
     root = workspace / "out"
@@ -156,20 +156,19 @@ def test_deleted_output_reruns_that_stage_only(run_flow):
 
 
 def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatch):
-    import finetune.evaluate
+    import finetune.stages.evaluate
     from flows.finetune_flow import StageFailed
-
     from tasks.stages import evaluate_task
 
     def disk_went_away(*args, **kwargs):
         raise OSError("disk went away")
 
-    original = finetune.evaluate.example_losses
-    monkeypatch.setattr(finetune.evaluate, "example_losses", disk_went_away)
+    original = finetune.stages.evaluate.example_losses
+    monkeypatch.setattr(finetune.stages.evaluate, "example_losses", disk_went_away)
     monkeypatch.setattr(evaluate_task.task, "retries", 0)  # fail now instead of after the retry delay
     with pytest.raises(StageFailed, match="stage evaluate failed: disk went away"):
         run_flow()
-    monkeypatch.setattr(finetune.evaluate, "example_losses", original)
+    monkeypatch.setattr(finetune.stages.evaluate, "example_losses", original)
 
     rerun = run_flow()
 

@@ -141,7 +141,7 @@ def test_a_failing_stage_fails_the_run_and_is_recorded(prefect_server, tiny_over
 
 
 def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached(prefect_server, tiny_overrides, monkeypatch):
-    from finetune import stage as stage_module
+    from finetune.core import stage as stage_module
     from flows.finetune_flow import StageFailed, finetune
 
     def broken(module: str) -> str:
@@ -149,7 +149,7 @@ def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached
 
     monkeypatch.setattr(stage_module, "code_digest", broken)
 
-    with pytest.raises(StageFailed, match="stage prepare failed: cannot read the code of finetune.prepare") as failure:
+    with pytest.raises(StageFailed, match="stage prepare failed: cannot read the code of finetune.stages.prepare") as failure:
         finetune(TINY, tiny_overrides())
 
     record = json.loads((failure.value.run_dir / "run.json").read_text())

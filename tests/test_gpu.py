@@ -11,10 +11,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_dir):
     import bitsandbytes as bnb
 
-    from finetune.config import load_config
-    from finetune.evaluate import EvaluateInputs, evaluate_adapter
-    from finetune.modeling import load_base
-    from finetune.train import train_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.evaluate import EvaluateInputs, evaluate_adapter
+    from finetune.stages.train import train_adapter
+    from finetune.training.modeling import load_base
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [*workspace_overrides(workspace), "quant.compute_dtype=auto"])
@@ -39,8 +39,8 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
 def test_a_real_cuda_out_of_memory_halves_the_micro_batch(workspace, tiny_model_dir):
     """The allocator is capped at 0.25 GB so that micro-batches of 64 do not fit: each attempt that runs
     out of memory notes a halved micro-batch, and the next attempt (a Prefect retry in a run) fits."""
-    from finetune.config import load_config
-    from finetune.train import TrainingOutOfMemory, train_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.train import TrainingOutOfMemory, train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [
@@ -72,8 +72,8 @@ def test_low_memory_mode_trains_in_fp16_as_on_a_gpu_without_bf16(workspace, tiny
     """fp16 compute forced (T4-class GPUs have no bf16) with the fast step and checkpointing on."""
     import math
 
-    from finetune.config import load_config
-    from finetune.train import train_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [
@@ -95,8 +95,8 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
     to float rounding; the graph must also have been used, not fallen back."""
     import gc
 
-    from finetune.config import load_config
-    from finetune.train import train_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     losses, layouts = {}, {}
@@ -122,8 +122,8 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
 def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
     """train.num_gpus=2: two DDP ranks through accelerate launch, each half of every step; the same
     steps and, dropout off in fp32, the same losses as one GPU."""
-    from finetune.config import load_config
-    from finetune.train import train_adapter
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     runs = {}

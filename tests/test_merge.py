@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from finetune.config import load_config
-from finetune.merge import MergeInputs, merge_adapter
-from finetune.merge_check import adapter_updates, check_weights
-from finetune.train import train_adapter
+from finetune.core.config import load_config
+from finetune.stages.merge import MergeInputs, merge_adapter
+from finetune.stages.train import train_adapter
+from finetune.training.merge_check import adapter_updates, check_weights
 from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
 # Thirty times tiny.yaml's learning rate and four times its alpha: an adapter that moves logits a lot.
@@ -37,7 +37,7 @@ def _logit_shift(inputs: MergeInputs) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.tokenization import load_tokenizer
+    from finetune.stages.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(inputs.model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inputs.model_dir), inputs.train_dir / "adapter").eval()
@@ -101,7 +101,7 @@ def test_the_same_weights_merged_correctly_pass(trained):
 
 
 def test_behaviour_beyond_the_dtypes_own_noise_fails():
-    from finetune.merge_check import check_behaviour
+    from finetune.training.merge_check import check_behaviour
 
     torch.manual_seed(0)
     exact = [torch.randn(8, 50) for _ in range(3)]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import DataConfig, LoraConfig
-from finetune.errors import MissingInputError
-from finetune.outputs import build_output, fingerprint, is_complete, stage_key
+from finetune.core.config import DataConfig, LoraConfig
+from finetune.core.errors import InternalError, MissingInputError
+from finetune.core.outputs import build_output, fingerprint, is_complete, stage_key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +42,7 @@ def test_an_input_that_cannot_be_hashed_is_an_error():
     class Odd:
         thing: object
 
-    with pytest.raises(TypeError, match="object cannot enter a key"):
+    with pytest.raises(InternalError, match="object cannot enter a key"):
         stage_key("s", "code", Odd(thing=object()))
 
 
@@ -101,7 +101,7 @@ def _bytes_read() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io to count reads")
 def test_a_large_unchanged_file_is_hashed_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
-    from finetune.outputs import DIGEST_CACHE_MIN_BYTES, fingerprint
+    from finetune.core.outputs import DIGEST_CACHE_MIN_BYTES, fingerprint
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "digests"))
     weights = tmp_path / "model" / "model.safetensors"

@@ -5,9 +5,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from finetune.config import DataConfig
-from finetune.errors import MissingInputError
-from finetune.prepare import DataError, prepare_dataset
+from finetune.core.config import DataConfig
+from finetune.core.errors import MissingInputError
+from finetune.stages.prepare import DataError, prepare_dataset
 from tests.conftest import ROOT, prepare_inputs
 
 TOPICS = ["science_technology", "health_wellness", "business_finance", "environment", "education"]

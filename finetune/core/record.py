@@ -1,0 +1,154 @@
+"""The per-run record `runs/<run-name>/`: resolved config, run.json and the human reports.
+
+Stage outputs are referenced by path, never copied; only the small markdown reports are copied so the
+record reads on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from finetune.core.config import FinetuneConfig, dump_config
+from finetune.core.outputs import read_manifest, write_text_atomic
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "prefect", "pandera", "pandas")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None,
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    run_name: str
+    flow_run_id: str
+    config_path: str | None
+    started_at: str
+    started: float = field(default_factory=time.monotonic)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: str = "running"
+    error: str | None = None
+    promotion: dict[str, Any] | None = None  # the gate's decision, with the numbers it compared
+    environment: dict[str, Any] = field(default_factory=lambda: {"versions": versions(), "hardware": hardware()})
+
+    @classmethod
+    def begin(cls, config: FinetuneConfig, config_path: str | None, run_name: str, flow_run_id: str) -> RunRecord:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        run_dir = Path(config.paths.runs_dir) / f"{stamp}-{run_name}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        record = cls(run_dir, run_dir.name, flow_run_id, config_path, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        record.save()
+        return record
+
+    def stage_done(self, stage: str, state: str, seconds: float, output_dir: Path | None) -> None:
+        manifest = read_manifest(output_dir) if output_dir else None
+        self.stages[stage] = {
+            "state": state,
+            "key": manifest["key"] if manifest else None,
+            "seconds": round(seconds, 2),
+            "output_dir": str(Path(output_dir).resolve()) if output_dir else None,
+        }
+        self.save()
+
+    def output(self, stage: str) -> Path | None:
+        entry = self.stages.get(stage)
+        return Path(entry["output_dir"]) if entry and entry["output_dir"] else None
+
+    def metrics(self) -> dict[str, Any]:
+        train = read_json(self.output("train") / "summary.json") if self.output("train") else {}
+        evaluation = read_json(self.output("evaluate") / "metrics.json") if self.output("evaluate") else {}
+        base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
+        return {
+            "train_steps": train.get("train_steps"),
+            "resumed_from_step": train.get("resumed_from_step"),
+            "micro_batch": train.get("micro_batch"),
+            "micro_batch_adjustments": train.get("micro_batch_adjustments"),
+            "final_train_loss": train.get("final_train_loss"),
+            "eval_loss_base": base.get("loss"),
+            "eval_loss_tuned": tuned.get("loss"),
+            "eval_perplexity_base": base.get("perplexity"),
+            "eval_perplexity_tuned": tuned.get("perplexity"),
+            "format_adherence_base": base.get("format_adherence"),
+            "format_adherence_tuned": tuned.get("format_adherence"),
+            "rouge_l_base": base.get("rouge_l"),
+            "rouge_l_tuned": tuned.get("rouge_l"),
+            "eval_examples": evaluation.get("examples"),
+            "eval_differences": evaluation.get("differences"),  # tuned - base with 95% paired bootstrap intervals
+            "trainable_params": train.get("trainable_params"),
+            "total_params": train.get("total_params"),
+            "peak_memory_bytes": train.get("peak_memory_bytes"),
+            "peak_memory_kind": train.get("peak_memory_kind"),
+            "base_memory_bytes_loaded": train.get("base_memory_bytes_loaded"),
+            "base_memory_bytes_16bit": train.get("base_memory_bytes_16bit"),
+            "train_seconds": train.get("train_seconds"),
+            "compute_dtype": train.get("compute_dtype"),
+            "device": train.get("device"),
+            "exported": (read_json(self.output("export") / "export_check.json") or {}).get("files") if self.output("export") else None,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_name": self.run_name,
+            "run_dir": str(self.run_dir.resolve()),
+            "flow_run_id": self.flow_run_id,
+            "status": self.status,
+            "error": self.error,
+            "config_path": self.config_path,
+            "started_at": self.started_at,
+            "seconds": round(time.monotonic() - self.started, 2),
+            "stages": self.stages,
+            "promotion": self.promotion,
+            "metrics": self.metrics(),
+            **self.environment,
+        }
+
+    def save(self) -> None:
+        write_text_atomic(self.run_dir / "run.json", json.dumps(self.as_dict(), indent=2))
+
+    def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
+        self.status, self.error = status, error
+        for stage, name in (("prepare", "data_report.md"), ("evaluate", "evaluation.md")):
+            source = self.output(stage)
+            if source and (source / "report.md").is_file():
+                shutil.copyfile(source / "report.md", self.run_dir / name)
+        record = self.as_dict()
+        write_text_atomic(self.run_dir / "run.json", json.dumps(record, indent=2))
+        return record

@@ -1,0 +1,193 @@
+"""The one shape of every stage: a typed inputs object in, an output folder named by its key out.
+
+A stage module defines a frozen dataclass of its inputs (upstream output folders and config sections,
+by keyword) and a builder that fills a temporary folder from them; `Stage` ties the two together. The
+key is computed once from the inputs object and handed to the builder, so nothing matches parameters
+by name and two `Path`s cannot swap places unnoticed.
+
+The code part of a key is the stage's module and every module of this package that it imports,
+directly or through another one, found by reading their imports. Each is hashed as its syntax tree
+with docstrings removed, so editing a comment, a docstring or the formatting keeps every output, while
+any change to what the code does makes that stage (and everything downstream) run again.
+`finetune.core.config` is left out: the config values a stage reads are in its key already, and it holds
+values and their validation only (tests/test_keys.py checks that it decides nothing).
+
+The libraries part of a key is the installed version of every library that computes the stage: those
+its modules import (found from the same import statements), less the plumbing that only moves files or
+parses config, plus those a stage reaches through another library without importing them (bitsandbytes
+through transformers' quantization config, say), which the stage names. An upgrade of transformers reruns
+every stage that imports it; nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from finetune.core.config import ConfigError
+from finetune.core.errors import InternalError
+from finetune.core.outputs import build_output, stage_key
+
+Inputs = TypeVar("Inputs")
+NOT_CODE = frozenset({"finetune.core.config"})  # its values enter keys as config sections
+# Imported by stage modules for plumbing (locks, config, YAML): their versions do not change an output.
+PLUMBING = frozenset({"filelock", "pydantic", "pyyaml"})
+
+
+def _ignore_progress(share: float) -> None:
+    pass
+
+
+def _no_secrets(name: str) -> str:
+    raise ConfigError(
+        f"model.token_secret={name}: Prefect Secret blocks are read inside a Prefect run (finetune run, a "
+        "deployment); calling the stage directly, set HF_TOKEN instead"
+    )
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a running stage talks to whoever runs it: a logger, `progress(share done, 0..1)` for long
+    stages, and `secret(name)` for values that must reach the stage but never its key, logs or outputs."""
+
+    logger: logging.Logger | logging.LoggerAdapter = field(default_factory=lambda: logging.getLogger("finetune"))
+    progress: Callable[[float], None] = _ignore_progress
+    secret: Callable[[str], str] = _no_secrets
+
+
+# (inputs, key, temporary output folder, hooks) -> extra manifest fields. The temporary folder is a
+# sibling of the final one, `<root>/<stage>/.<key>.*.tmp`, renamed into place when the builder returns.
+Builder = Callable[[Any, str, Path, Hooks], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class Stage(Generic[Inputs]):
+    """A pipeline stage; call it with its inputs object and the root folder of its outputs."""
+
+    name: str
+    inputs_type: type[Inputs]
+    builder: Builder
+    module: str  # the module that defines the stage: its code (and what it imports) is in the key
+    # Distributions that compute the stage without being imported by it (reached through another library).
+    reached_through: tuple[str, ...] = ()
+
+    def libraries(self) -> dict[str, str]:
+        """{distribution: installed version} of the libraries whose upgrade must rerun this stage."""
+        names = (imported_distributions(self.module) - PLUMBING) | set(self.reached_through)
+        return {name: library_version(name) for name in sorted(names)}
+
+    def key(self, inputs: Inputs) -> str:
+        if not isinstance(inputs, self.inputs_type):
+            raise InternalError(f"stage {self.name} takes {self.inputs_type.__name__}, got {type(inputs).__name__}")
+        return stage_key(self.name, code_digest(self.module), inputs, self.libraries())
+
+    def __call__(self, inputs: Inputs, root: Path, *, key: str | None = None, hooks: Hooks | None = None) -> Path:
+        """`<root>/<name>/<key>/`, built unless it is complete already; `key` if the caller computed it."""
+        key = key or self.key(inputs)
+        hooks = hooks or Hooks()
+        return build_output(Path(root), self.name, key, lambda out: self.builder(inputs, key, out, hooks))
+
+
+def _module_path(name: str) -> Path | None:
+    """The source file of module `name` of this package, found without importing anything."""
+    top, *rest = name.split(".")
+    spec = find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def library_version(distribution: str) -> str:
+    """The installed version without its local build tag: torch 2.13.0+cpu and 2.13.0+cu128 are the same
+    code, so a CPU and a GPU machine compute the same key (a stage's dtype and device are in its config)."""
+    try:
+        return metadata.version(distribution).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@functools.cache
+def _providers() -> dict[str, list[str]]:
+    """Top-level import name -> distributions; reading every installed package's metadata takes ~0.3 s."""
+    return metadata.packages_distributions()
+
+
+def imported_distributions(module: str) -> set[str]:
+    """Third-party distributions (PyPI names, lower case) that `module` and the modules of its package it
+    imports import, at any depth. An import of a module that no distribution provides counts as itself."""
+    package = module.split(".")[0]
+    providers = _providers()
+    tops: set[str] = set()
+    for name in stage_modules(module):
+        tree = ast.parse(_module_path(name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                tops.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                tops.add(node.module.split(".")[0])
+    tops -= {package, "__future__", *sys.stdlib_module_names}
+    return {dist.lower() for top in tops for dist in providers.get(top, [top])}
+
+
+def _imported_names(tree: ast.Module, module: str) -> set[str]:
+    """Every module name an import statement in `tree` may refer to, at any depth (lazy imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the importing module's package
+                parent = module.rsplit(".", node.level)[0]
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+def stage_modules(module: str) -> list[str]:
+    """`module` and the modules of its package it imports, directly or through others."""
+    package = module.split(".")[0]
+    found: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or name in NOT_CODE or (path := _module_path(name)) is None:
+            continue
+        found.add(name)
+        imported = _imported_names(ast.parse(path.read_text(encoding="utf-8")), name)
+        todo += [other for other in imported if other.split(".")[0] == package]
+    return sorted(found)
+
+
+def normalized_source(path: Path) -> str:
+    """The code of a module without comments, docstrings or formatting: its syntax tree, written back."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def code_digest(module: str) -> str:
+    """Hash of the code a stage runs: `module` and what it imports from its package (see above)."""
+    digest = hashlib.sha256()
+    for name in stage_modules(module):
+        digest.update(f"{name}\0{normalized_source(_module_path(name))}\0".encode())
+    return digest.hexdigest()
+

@@ -1,0 +1,125 @@
+"""Stage `prepare`: raw instruction/response files -> validated train/eval parquet + data report.
+
+Rows are checked by a pandera schema, lazily, so every failing row is reported with its file, line and
+reason instead of the first one only. Rejected rows are written beside the splits; the raw files are
+only read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from finetune.core.config import DataConfig
+from finetune.core.stage import Hooks, Stage
+from finetune.data.checks import (
+    drop_duplicates_and_leaks,
+    duplicate_pairs,
+    near_duplicates,
+    place,
+    resolve_conflicts,
+)
+from finetune.data.readers import SEED_MARKERS, DataError, data_files, read_pairs
+from finetune.data.schemas import check_prepared, validate_rows
+from finetune.data.template import PromptFormat
+from finetune.reporting.data_report import data_report, report_markdown
+
+__all__ = ["DataError", "PrepareInputs", "prepare_dataset"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareInputs:
+    raw_dir: Path  # every data file in it is read; the folder's content is in the key
+    heldout_path: Path
+    data: DataConfig
+    template: str  # tokenize.template: rows that contain its markers are rejected
+
+
+def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
+    rows, rejected = [], []
+    for path in files:
+        result = read_pairs(path, prompt.line_markers or SEED_MARKERS)
+        rows += result.rows
+        rejected += result.rejects
+    columns = ["instruction", "response", "history", "topic", "source_file", "source_line"]
+    frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
+    frame, invalid = validate_rows(frame, cfg, prompt)
+    frame = frame.assign(
+        instruction=frame.instruction.str.strip(),
+        response=frame.response.str.strip(),
+        history=frame.history.map(lambda turns: [turn.strip() for turn in turns]),
+    )
+    return frame.reset_index(drop=True), rejected + invalid
+
+
+def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dict], duplicates: int) -> None:
+    cfg = inputs.data
+    total = len(train) + len(rejected) + duplicates
+    listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
+    if total and len(rejected) / total > cfg.max_reject_share:
+        raise DataError(
+            f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
+            f"{listed}. Fix those rows or raise the limit."
+        )
+    if len(train) < cfg.min_rows:
+        raise DataError(
+            f"{inputs.raw_dir}: {len(train)} usable training rows, fewer than data.min_rows={cfg.min_rows}"
+            + (f"; rejected: {listed}" if rejected else "")
+        )
+
+
+def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> tuple[pd.DataFrame, int]:
+    heldout_path = Path(inputs.heldout_path)
+    if not heldout_path.is_file():
+        raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
+    evaluation, eval_rejected = load_rows([heldout_path], inputs.data, prompt)
+    if eval_rejected:
+        first = eval_rejected[0]
+        raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
+    if evaluation.empty:
+        raise DataError(f"{heldout_path}: no held-out rows; evaluation needs at least one pair")
+    if (turns := evaluation.history.map(len)).any():
+        i = int(turns.to_numpy().nonzero()[0][0])
+        raise DataError(
+            f"{place(evaluation, i)}: a held-out row is one exchange (evaluation asks one instruction), this one has "
+            f"{turns[i] // 2} earlier exchange(s); keep conversations in the training data"
+        )
+    duplicated = duplicate_pairs(evaluation)
+    evaluation = evaluation[~duplicated].reset_index(drop=True)  # collapsed and counted, like training duplicates
+    check_prepared(evaluation)
+    return evaluation, int(duplicated.sum())
+
+
+def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
+    """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, the report."""
+    prompt = PromptFormat(inputs.template)
+    files = data_files(inputs.raw_dir, tuple(inputs.data.exclude))
+    evaluation, eval_duplicates = _load_heldout(inputs, prompt)
+    train, rejected = load_rows(files, inputs.data, prompt)
+    train, leaks, duplicates = drop_duplicates_and_leaks(train, evaluation)
+    train, conflicting, conflicts, left_out = resolve_conflicts(train, inputs.data.conflicts)
+    rejected = sorted(rejected + leaks + conflicting, key=lambda r: (r["source_file"], r["source_line"]))
+    _check_enough(inputs, train, rejected, duplicates + left_out)
+    check_prepared(train)
+    train.to_parquet(out / "train.parquet", index=False)
+    evaluation.to_parquet(out / "eval.parquet", index=False)
+    pd.DataFrame(rejected, columns=["source_file", "source_line", "reason"]).to_parquet(out / "rejected.parquet", index=False)
+    report = {
+        **data_report(files, train, evaluation, rejected, duplicates),
+        "eval_duplicates_collapsed": eval_duplicates,
+        "conversations": int((train.history.map(len) > 0).sum()),
+        "conflicts": conflicts,
+        "conflicts_policy": str(inputs.data.conflicts),
+        "conflicts_left_out": left_out,
+        "near_duplicates": near_duplicates(train, evaluation, inputs.data.near_duplicate_similarity),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    hooks.logger.info("%d training rows, %d held-out rows, %d rejected", len(train), len(evaluation), len(rejected))
+    return {"train_rows": len(train), "eval_rows": len(evaluation), "rejected_rows": len(rejected)}
+
+
+prepare_dataset = Stage("prepare", PrepareInputs, _prepare, __name__)

@@ -1,0 +1,241 @@
+"""The QLoRA recipe, top to bottom: load the 4-bit base and attach LoRA, map the config to TRL's
+`SFTConfig`, build the trainer with a callback that watches every step, summarize what happened.
+
+The libraries do the work: bitsandbytes NF4 weights (modeling.load_base), peft's
+`prepare_model_for_kbit_training` and LoRA, TRL's `SFTTrainer`. Resuming, out-of-memory retries and
+the output folder are the train stage's business (finetune/stages/train.py), not the recipe's.
+
+This module imports torch, transformers, peft and trl at the top: import it where training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import transformers
+from datasets import Dataset
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, prepare_model_for_kbit_training
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
+from finetune.core.errors import InternalError, PermanentError
+from finetune.training import graphs
+from finetune.training.checkpoints import seal_checkpoint
+from finetune.training.modeling import load_base
+
+# Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
+_SFT_FIELDS = {f.name for f in dataclasses.fields(SFTConfig)}
+CHECKPOINTING_ARG = "activation_checkpointing" if "activation_checkpointing" in _SFT_FIELDS else "gradient_checkpointing"
+
+
+# A packed row attends through a block-diagonal mask over its whole length (no variable-length attention
+# kernel is used), so its cost grows with the square of the row: above this many tokens, one example per
+# micro-batch is cheaper.
+PACK_MAX_TOKENS = 2048
+# Above this many tokens per micro-batch the GPU's arithmetic, not kernel launches, bounds the step: no graph.
+GRAPH_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one optimizer step is computed: micro-batches of `batch_size` examples, `grad_accum` of them,
+    laid out as `padded` rows, one `packed` row, or `graphed` (padded to `static_length`, CUDA graph)."""
+
+    batch_size: int
+    grad_accum: int
+    layout: Literal["padded", "packed", "graphed"]
+    static_length: int | None = None
+
+
+def recomputes_activations(train: TrainConfig) -> bool:
+    """Gradient checkpointing: `train.gradient_checkpointing` when set, else the recipe's own (seed: on, fast: off)."""
+    return train.recipe == "seed" if train.gradient_checkpointing is None else train.gradient_checkpointing
+
+
+def step_shape(train: TrainConfig) -> tuple[int, int]:
+    """(examples per micro-batch, micro-batches per optimizer step) that the recipe starts from."""
+    if train.recipe == "fast":
+        return train.batch_size * train.grad_accum, 1
+    return train.batch_size, train.grad_accum
+
+
+def plan_step(train: TrainConfig, batch_size: int, grad_accum: int, lengths: list[int], cuda: bool) -> StepPlan:
+    """The step for `train` on examples of `lengths` tokens, starting from `batch_size` x `grad_accum`
+    (the recipe's shape, or a smaller micro-batch after an out-of-memory retry).
+
+    Every plan puts the same examples in each optimizer step and averages the loss over the same tokens;
+    only the work differs. The seed recipe pads its micro-batches as the seed did. The fast recipe:
+    - examples too long to pack (the `batch_size` longest exceed PACK_MAX_TOKENS together): padded
+      micro-batches of at most PACK_MAX_TOKENS, accumulated; long examples go one by one, unpadded;
+    - on CUDA with `train.cuda_graphs`, one micro-batch per step and no checkpointing: padded to a
+      static shape and replayed from a CUDA graph (finetune/training/graphs.py);
+    - otherwise one packed row per micro-batch.
+    """
+    if train.recipe == "seed":
+        return StepPlan(batch_size, grad_accum, "padded")
+    if sum(sorted(lengths)[-batch_size:]) > PACK_MAX_TOKENS:
+        # Padded rows instead, as many per micro-batch as keep it within PACK_MAX_TOKENS (one, for long
+        # examples), dividing the step's examples evenly so that every step still has all of them.
+        examples, longest = batch_size * grad_accum, max(lengths)
+        rows = max((d for d in range(1, batch_size + 1) if examples % d == 0 and d * longest <= PACK_MAX_TOKENS), default=1)
+        return StepPlan(rows, examples // rows, "padded")
+    length = graphs.static_length(lengths)
+    # Checkpointing is left eager: measured on an H200 (7B shape), the graph kept nearly the memory of no
+    # recomputation (7.9 GiB against 8.4 without, 5.3 eager), so the low-memory mode would not be one.
+    graph_fits = batch_size * length <= GRAPH_MAX_TOKENS and not recomputes_activations(train)
+    if cuda and train.cuda_graphs and grad_accum == 1 and graph_fits:
+        return StepPlan(batch_size, 1, "graphed", length)
+    return StepPlan(batch_size, grad_accum, "packed")
+
+
+class NonFiniteLossError(PermanentError, RuntimeError):
+    """The loss became NaN or infinite; retrying the same run would do the same."""
+
+
+def load_examples(tokenized_dir: Path) -> Dataset:
+    """The tokenized training split: input_ids and labels (prompt tokens already masked)."""
+    return Dataset.from_parquet(str(Path(tokenized_dir) / "train.parquet")).select_columns(["input_ids", "labels"])
+
+
+def load_model_with_lora(model_dir: Path, quant: QuantConfig, lora: LoraConfig, train: TrainConfig):
+    """(model, bytes of the base as loaded): the frozen base, 4-bit unless `quant.load_in_4bit` is off,
+    with freshly initialized LoRA adapters on `lora.target_modules`."""
+    model = load_base(Path(model_dir), quant)
+    base_bytes = model.get_memory_footprint()
+    if quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recomputes_activations(train))
+    set_seed(train.seed)  # the adapter's random init happens here, before the Trainer seeds anything
+    adapters = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, adapters), base_bytes
+
+
+def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dtype: torch.dtype, use_cpu: bool) -> SFTConfig:
+    """TRL's arguments for `train`, with the micro-batch and its layout from `plan`."""
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay,
+        optim=train.optim,
+        **{CHECKPOINTING_ARG: recomputes_activations(train)},
+        # packed: the micro-batch's sequences laid end to end in one row, with position_ids restarting at each;
+        # transformers' attention masks keep every sequence to itself, TRL masks the label at each start.
+        padding_free=plan.layout == "packed",
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=use_cpu,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the Trainer's default hides a NaN loss; StepWatch must see it
+        save_strategy="steps",
+        save_steps=train.save_every_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to=list(train.report_to) or "none",
+        disable_tqdm=True,  # progress goes to the log instead, one line per step
+        dataloader_num_workers=0,
+        max_length=None,  # tokenize already enforced tokenize.max_length
+    )
+    # One process trains on one GPU (several are train.num_gpus' ranks, each a process). With more GPUs
+    # visible and no launcher, the Trainer would wrap the model in nn.DataParallel, which TRL refuses;
+    # the Trainer pins its GPU count to 1 in the same way for a model that device_map placed itself.
+    # `_n_gpu` is the private field behind the public `n_gpu` (tests/test_borrowed.py guards it).
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+        if args.n_gpu != 1:
+            raise InternalError(
+                f"transformers {transformers.__version__} no longer reads TrainingArguments._n_gpu, which one-process "
+                "training on a machine with several GPUs sets; set train.num_gpus to the GPU count meanwhile"
+            )
+    return args
+
+
+class StepWatch(TrainerCallback):
+    """After each optimizer step: stop on a non-finite loss, else report (step, max_steps, logs);
+    after each checkpoint: seal it, so a resume can tell a whole checkpoint from a torn one."""
+
+    def __init__(self, on_step: Callable[[int, int, dict], None]):
+        self.on_step = on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        if not math.isfinite(logs["loss"]):
+            raise NonFiniteLossError(
+                f"train: loss is {logs['loss']} at step {state.global_step}; lower train.learning_rate or "
+                "check the data of that step (the run is not retried)"
+            )
+        self.on_step(state.global_step, state.max_steps, logs)
+
+    def on_save(self, args, state, control, **kwargs):
+        seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def build_trainer(
+    model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger
+) -> SFTTrainer:
+    common = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[watch])
+    if plan.layout == "graphed":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        trainer = graphs.GraphedSFTTrainer(
+            **common, static_shape=(plan.batch_size, plan.static_length), pad_token_id=pad, logger=logger
+        )
+    else:
+        trainer = SFTTrainer(**common)
+    trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
+    if args.fp16:
+        # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
+        # only: the adapters train in fp32 under fp16 autocast (the usual mixed precision), which GPUs without
+        # bf16 can run.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def loss_history(trainer: SFTTrainer) -> list[dict]:
+    """One entry per optimizer step: step, loss, grad_norm, learning_rate, epoch."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def summarize(trainer: SFTTrainer, dataset: Dataset, train: TrainConfig, resumed_step: int, train_seconds: float) -> dict:
+    """Steps, losses, parameters and throughput of a finished `trainer.train()`."""
+    state = trainer.state
+    history = loss_history(trainer)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    # Tokens this session trained on (TRL's num_tokens counter restarts on resume, so count them here).
+    epoch_tokens = sum(len(ids) for ids in dataset["input_ids"])
+    tokens = epoch_tokens * train.epochs * (state.global_step - resumed_step) / max(state.max_steps, 1)
+    micro_batches = math.ceil(len(dataset) / trainer.args.per_device_train_batch_size)
+    return {
+        "train_steps": state.global_step,
+        "steps_per_epoch": math.ceil(micro_batches / trainer.args.gradient_accumulation_steps),
+        "resumed_from_step": resumed_step,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "base_memory_bytes_16bit": int(total - trainable) * 2,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+    }
