@@ -42,38 +42,64 @@ def tiny_overrides(workspace, tiny_model_dir):
     return make
 
 
-def test_flow_runs_every_stage_then_serves_all_from_cache(tiny_flow_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def first(tiny_flow_run) -> dict:
+    """The record of the first run of the tiny flow; its data has a blank row in extra.jsonl."""
+    return tiny_flow_run[0]
 
+
+@pytest.fixture(scope="module")
+def second(tiny_flow_run, first) -> dict:
+    """The same run again: nothing changed."""
     from flows.finetune_flow import finetune
 
-    first, overrides, workspace = tiny_flow_run  # the first run; its data has a blank row in extra.jsonl
+    return finetune(TINY, tiny_flow_run[1])
 
+
+@pytest.fixture(scope="module")
+def third(tiny_flow_run, second) -> dict:
+    """A larger adapter trained for half an epoch: a new candidate against the champion of the first run."""
+    from flows.finetune_flow import finetune
+
+    return finetune(TINY, [*tiny_flow_run[1], "lora.r=16", "train.epochs=0.5"])
+
+
+def test_the_first_run_completes_every_stage_and_learns(first):
     assert first["status"] == "completed"
     assert list(first["stages"]) == STAGES
     assert {s["state"] for s in first["stages"].values()} == {"completed"}
+    assert _task_states(first["flow_run_id"]) == dict.fromkeys([*STAGES, "promote", "publish-reports"], "Completed")
     metrics = first["metrics"]
-    assert metrics["train_steps"] == 13  # 104 pairs / (4 x 2), one epoch
-    assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
-    assert metrics["eval_loss_base"] is not None and metrics["eval_loss_tuned"] is not None
-    assert 0 <= metrics["format_adherence_tuned"] <= 1
+    assert metrics["train_steps"] == 13  # 104 pairs less the blank one / (4 x 2) per step, one epoch
+    per_layer = 2 * (64 * 8 + 8 * 64) + 2 * (64 * 8 + 8 * 32)  # A and B of r=8: q, o 64->64; k, v 64->32 (2 KV heads)
+    assert metrics["trainable_params"] == 2 * per_layer  # 2 layers
     loss = metrics["eval_differences"]["loss"]  # 13 steps at lr 1e-3 lower every example's loss: the interval says so
     assert loss["delta"] < 0 and loss["high"] < 0 and loss["excludes_zero"]
+    assert metrics["eval_loss_tuned"] < metrics["eval_loss_base"]
     assert set(metrics["eval_differences"]) == {"loss", "rouge_l", "format_adherence", "new_tokens"}
 
+
+def test_the_run_record_holds_the_config_the_reports_and_the_pictures(first, tiny_flow_run):
+    workspace = tiny_flow_run[2]
     run_dir = workspace / "runs" / first["run_name"]
     on_disk = json.loads((run_dir / "run.json").read_text())
     assert on_disk["status"] == "completed" and on_disk["flow_run_id"] == first["flow_run_id"]
     assert on_disk["versions"]["prefect"].startswith("3.")
-    assert {"config.yaml", "run.json", "run_card.md", "data_report.md", "evaluation.md", "training_curve.png", "evaluation.png"} <= {
-        p.name for p in run_dir.iterdir()
-    }
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["config.yaml", "run.json", "run_card.md", "data_report.md", "evaluation.md", "training_curve.png", "evaluation.png"]
+    )
     assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"{loss['delta']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}] *" in (run_dir / "run_card.md").read_text()
-    assert "lora:" in (run_dir / "config.yaml").read_text()
+    loss = first["metrics"]["eval_differences"]["loss"]
+    card = (run_dir / "run_card.md").read_text()
+    assert f"{loss['delta']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}] *" in card
+    assert f"`{first['stages']['train']['key']}`" in card
+    assert "r: 8" in (run_dir / "config.yaml").read_text()
 
+
+def test_the_artifacts_show_the_run_and_its_rejected_row(first):
     artifacts = _artifacts(first["flow_run_id"])
-    assert {"run-card", "data-report", "training-curve", "training-loss", "training-progress", "evaluation", "adapter", "merged-model"} <= set(artifacts)
+    assert {"run-card", "data-report", "training-curve", "training-loss", "training-progress", "evaluation", "adapter", "merged-model",
+            "promotion", "rejected-rows"} == set(artifacts)  # fmt: skip
     assert "](data:image/png;base64," in artifacts["training-curve"].data and "](data:image/png;base64," in artifacts["evaluation"].data
     assert "| loss per response token |" in artifacts["evaluation"].data
     assert artifacts["training-progress"].data == 100.0
@@ -83,44 +109,65 @@ def test_flow_runs_every_stage_then_serves_all_from_cache(tiny_flow_run):
     assert table[0]["source_file"].endswith("extra.jsonl")
     assert table[0]["reason"].startswith("instruction is empty after trimming whitespace")
 
-    merged_dir = workspace / "outputs" / "merge" / first["stages"]["merge"]["key"] / "model"
-    assert on_disk["stages"]["merge"]["output_dir"] == str(merged_dir.parent.resolve())
+
+def test_the_merged_model_loads_alone_and_answers_as_the_gate_scored_it(first, tiny_flow_run):
+    """Plain transformers, prompted through the saved chat template, gives the answers `score` recorded."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = Path(first["stages"]["merge"]["output_dir"]) / "model"
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    generated = model.generate(**tokenizer("### HUMAN:\nHi\n\n### RESPONSE:\n", return_tensors="pt"), max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] > 0
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, padding_side="left")
+    samples = pd.read_json(Path(first["stages"]["score"]["output_dir"]) / "samples.jsonl", lines=True)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+               for text in samples.instruction]  # fmt: skip
+    assert prompts[0] == f"### HUMAN:\n{samples.instruction[0]}\n\n### RESPONSE:\n"  # the training prompt, exactly
 
-    assert {name: state for name, state in _task_states(first["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
-        STAGES, "Completed"
-    )
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1] :]
+    answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+    assert sum(len(row) for row in generated) > 0
+    assert answers == list(samples.answer)
+
+
+def test_the_first_run_promotes_its_model(first, tiny_flow_run):
+    workspace = tiny_flow_run[2]
     assert first["promotion"]["decision"] == "promoted" and first["promotion"]["reason"] == "no champion yet"
-    assert (workspace / "models" / "champion").resolve() == merged_dir.resolve()
-    assert "Promotion: **promoted**" in artifacts["promotion"].data and "Promotion: **promoted**" in (run_dir / "run_card.md").read_text()
+    assert (workspace / "models" / "champion").resolve() == (Path(first["stages"]["merge"]["output_dir"]) / "model").resolve()
+    assert "Promotion: **promoted**" in _artifacts(first["flow_run_id"])["promotion"].data
+    assert "Promotion: **promoted**" in (workspace / "runs" / first["run_name"] / "run_card.md").read_text()
 
-    second = finetune(TINY, overrides)
+
+def test_an_unchanged_rerun_is_all_cached_and_changes_nothing(first, second, tiny_flow_run):
+    workspace = tiny_flow_run[2]
     assert {name: s["state"] for name, s in second["stages"].items()} == dict.fromkeys(STAGES, "cached")
-    assert {name: state for name, state in _task_states(second["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(
-        STAGES, "Cached"
-    )
+    assert {name: state for name, state in _task_states(second["flow_run_id"]).items() if name in STAGES} == dict.fromkeys(STAGES, "Cached")
     assert {name: s["key"] for name, s in second["stages"].items()} == {name: s["key"] for name, s in first["stages"].items()}
     assert second["metrics"] == first["metrics"]
     assert second["promotion"]["decision"] == "no change"
     assert len(json.loads((workspace / "models" / "champion.json").read_text())["history"]) == 1
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
 
-    third = finetune(TINY, [*overrides, "lora.r=16", "train.epochs=0.5"])
+
+def test_a_lora_change_reruns_train_onwards_and_the_gate_applies_its_rule(first, third, tiny_flow_run):
+    workspace = tiny_flow_run[2]
     states = {name: s["state"] for name, s in third["stages"].items()}
     assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
                       "train": "completed", "evaluate": "completed", "merge": "completed",
                       "score": "completed", "score_champion": "cached"}  # fmt: skip
     assert third["stages"]["train"]["key"] != first["stages"]["train"]["key"]
     assert third["metrics"]["trainable_params"] == 2 * first["metrics"]["trainable_params"]
-    gate = third["promotion"]
-    assert gate["champion"]["loss"] == json.loads(Path(third["stages"]["score_champion"]["output_dir"], "metrics.json").read_text())["loss"]
-    champion = json.loads((workspace / "models" / "champion.json").read_text())
-    promoted = gate["decision"] == "promoted"
-    assert len(champion["history"]) == (2 if promoted else 1)
-    expected = third if promoted else first
+
+    def scored(stage: str) -> dict:
+        return json.loads(Path(third["stages"][stage]["output_dir"], "metrics.json").read_text())
+
+    candidate, champion, gate = scored("score"), scored("score_champion"), third["promotion"]
+    assert (gate["candidate"]["loss"], gate["champion"]["loss"]) == (candidate["loss"], champion["loss"])
+    beats = champion["loss"] - candidate["loss"] >= 0.01 and candidate["format_adherence"] >= champion["format_adherence"]
+    assert gate["decision"] == ("promoted" if beats else "kept")  # promote.min_loss_gain: 0.01
+    history = json.loads((workspace / "models" / "champion.json").read_text())["history"]
+    assert len(history) == (2 if beats else 1)
+    expected = third if beats else first
     assert (workspace / "models" / "champion").resolve() == Path(expected["stages"]["merge"]["output_dir"], "model").resolve()
 
 

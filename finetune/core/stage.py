@@ -25,6 +25,7 @@ import ast
 import functools
 import hashlib
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class Stage(Generic[Inputs]):
 
     def libraries(self) -> dict[str, str]:
         """{distribution: installed version} of the libraries whose upgrade must rerun this stage."""
-        names = (imported_distributions(self.module) - PLUMBING) | set(self.reached_through)
+        names = (imported_distributions(self.module) - PLUMBING) | {_normalized_name(n) for n in self.reached_through}
         return {name: library_version(name) for name in sorted(names)}
 
     def key(self, inputs: Inputs) -> str:
@@ -126,35 +127,64 @@ def _providers() -> dict[str, list[str]]:
 
 
 def imported_distributions(module: str) -> set[str]:
-    """Third-party distributions (PyPI names, lower case) that `module` and the modules of its package it
-    imports import, at any depth. An import of a module that no distribution provides counts as itself."""
+    """Third-party distributions (PEP 503 names) that `module` and the modules of its package it imports
+    import, at any depth. An import of a module that no distribution provides counts as itself."""
     package = module.split(".")[0]
-    providers = _providers()
-    tops: set[str] = set()
-    for name in stage_modules(module):
-        tree = ast.parse(_module_path(name).read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                tops.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                tops.add(node.module.split(".")[0])
+    tops = {
+        name.split(".")[0]
+        for other in stage_modules(module)
+        for level, name, _ in _source(_module_path(other)).imports
+        if not level and name
+    }
     tops -= {package, "__future__", *sys.stdlib_module_names}
-    return {dist.lower() for top in tops for dist in providers.get(top, [top])}
+    return {_normalized_name(dist) for top in tops for dist in _providers().get(top, [top])}
 
 
-def _imported_names(tree: ast.Module, module: str) -> set[str]:
-    """Every module name an import statement in `tree` may refer to, at any depth (lazy imports too)."""
-    names: set[str] = set()
-    for node in ast.walk(tree):
+def _normalized_name(distribution: str) -> str:
+    """A distribution's name as PyPI compares them (PEP 503): rouge_score and rouge-score are one."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What keys read of one source file."""
+
+    normalized: str  # the syntax tree without docstrings, written back
+    imports: tuple[tuple[int, str, tuple[str, ...]], ...]  # (level, module, names) of every import statement
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(path: Path, mtime_ns: int, size: int) -> _Source:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imports = []
+    for node in ast.walk(tree):  # at any depth: lazy imports inside functions too
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            imports += [(0, alias.name, ()) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolved against the importing module's package
-                parent = module.rsplit(".", node.level)[0]
-                base = f"{parent}.{base}" if base else parent
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+            imports.append((node.level, node.module or "", tuple(alias.name for alias in node.names)))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return _Source(ast.unparse(tree), tuple(imports))
+
+
+def _source(path: Path) -> _Source:
+    """The file parsed once per version of it (its mtime and size): a flow computes many keys."""
+    stat = path.stat()
+    return _parse(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _imported_names(path: Path, module: str) -> set[str]:
+    """Every module name an import statement of `module` may refer to."""
+    names: set[str] = set()
+    for level, base, imported in _source(path).imports:
+        if level:  # relative: resolved against the importing module's package
+            parent = module.rsplit(".", level)[0]
+            base = f"{parent}.{base}" if base else parent
+        names.add(base)
+        names.update(f"{base}.{name}" for name in imported)  # `from pkg import module`
     return names
 
 
@@ -168,20 +198,14 @@ def stage_modules(module: str) -> list[str]:
         if name in found or name in NOT_CODE or (path := _module_path(name)) is None:
             continue
         found.add(name)
-        imported = _imported_names(ast.parse(path.read_text(encoding="utf-8")), name)
+        imported = _imported_names(path, name)
         todo += [other for other in imported if other.split(".")[0] == package]
     return sorted(found)
 
 
 def normalized_source(path: Path) -> str:
     """The code of a module without comments, docstrings or formatting: its syntax tree, written back."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            first = node.body[0] if node.body else None
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return ast.unparse(tree)
+    return _source(path).normalized
 
 
 def code_digest(module: str) -> str:
