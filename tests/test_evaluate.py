@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from finetune.core.errors import InternalError
 from finetune.reporting.stats import paired_difference
 
 
@@ -32,7 +33,7 @@ def test_weighted_difference_is_the_ratio_of_sums():
     found = paired_difference(base, tuned, weights=tokens)
 
     assert found.base == pytest.approx((2 * 3 + 4 * 1) / 4) and found.tuned == pytest.approx((1 * 3 + 4 * 1) / 4)
-    with pytest.raises(ValueError, match="equal non-empty"):
+    with pytest.raises(InternalError, match="equal non-empty"):
         paired_difference(base, tuned[:1])
 
 
