@@ -43,6 +43,9 @@ clean:
 # Scheduled retraining through Prefect: a server, a process work pool, the deployments of prefect.yaml.
 server deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 server deploy worker: export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Concurrency leases (the training slot) on disk under PREFECT_HOME instead of in the server's memory: a server
+# restart keeps them, so a slot taken before it is given back, or freed by the repossessor when its lease runs out.
+server: export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE ?= prefect.server.concurrency.lease_storage.filesystem
 
 server: venv  ## the Prefect server and UI on 127.0.0.1 (runs in the foreground)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -7,6 +7,9 @@ progress artifact.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -32,6 +35,11 @@ Inputs = TypeVar("Inputs")
 # Global concurrency limit held while training: `make deploy` creates it with limit 1, so two runs on one
 # machine never train at once. Where it does not exist (ephemeral mode), Prefect skips it.
 TRAINING_SLOT = "finetune-training"
+# The slot is held through a lease the run renews while it trains; a run that dies (a killed worker, a lost
+# machine) stops renewing, and the server's repossessor frees the slot once the lease has run out. `make
+# server` keeps leases on disk (Prefect's filesystem lease storage), so a server restart loses none.
+SLOT_LEASE_SECONDS = 300
+SLOT_WAIT_REPORT_SECONDS = 30  # a waiting run says so this often, in its log (the UI's Logs tab)
 
 
 def _progress_reporter(artifact_key: str, description: str):
@@ -43,6 +51,29 @@ def _progress_reporter(artifact_key: str, description: str):
         update_progress_artifact(artifact_id, 100.0 * share)
 
     return report
+
+
+@contextmanager
+def holding(slot: str, logger) -> Iterator[None]:
+    """Hold the global concurrency limit `slot` for the block, saying every SLOT_WAIT_REPORT_SECONDS what the
+    run waits for while another run holds it."""
+    started = time.monotonic()
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(
+                    concurrency(slot, occupy=1, timeout_seconds=SLOT_WAIT_REPORT_SECONDS, lease_duration=SLOT_LEASE_SECONDS)
+                )
+                break
+            except TimeoutError:
+                logger.info(
+                    "waiting for the training slot %s for %.0f s: another run is training (prefect gcl inspect %s); a "
+                    "slot left by a run that died is freed when its lease runs out, within %d s", slot,
+                    time.monotonic() - started, slot, SLOT_LEASE_SECONDS,
+                )  # fmt: skip
+        if time.monotonic() - started > SLOT_WAIT_REPORT_SECONDS:
+            logger.info("training slot %s taken after %.0f s of waiting", slot, time.monotonic() - started)
+        yield
 
 
 def load_secret(name: str) -> str:
@@ -95,7 +126,7 @@ def stage_task(
         hooks = Hooks(logger=get_run_logger(), progress=report, secret=load_secret)
         if slot is None:
             return stage(inputs, root, key=key, hooks=hooks)
-        with concurrency(slot, occupy=1):
+        with holding(slot, hooks.logger):
             return stage(inputs, root, key=key, hooks=hooks)
 
     return StageTask(stage, run)

@@ -56,27 +56,31 @@ def scheduling(tmp_path_factory, tiny_model_dir):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = _start(["make", "-s", "server", f"PREFECT_PORT={port}"], env, home / "server.log")
-    worker = None
-    try:
+    processes: dict[str, subprocess.Popen] = {}
+
+    def start_server() -> None:
+        processes["server"] = _start(["make", "-s", "server", f"PREFECT_PORT={port}"], env, home / "server.log")
         for _ in range(240):
             try:
                 if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
+                    return
             except httpx.HTTPError:
                 time.sleep(0.5)
-        else:
-            pytest.fail("the server did not start: " + (home / "server.log").read_text()[-2000:])
+        pytest.fail("the server did not start: " + (home / "server.log").read_text()[-2000:])
+
+    try:
+        start_server()
         deployed = subprocess.run(["make", "-s", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        worker = _start(["make", "-s", "worker"], {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, home / "worker.log")
+        processes["worker"] = _start(["make", "-s", "worker"], {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, home / "worker.log")
         workspace = tmp_path_factory.mktemp("retrain")
         shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
         shutil.copytree(ROOT / "data" / "eval", workspace / "data" / "eval")
         overrides = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}"]
-        yield {"env": env, "api": api, "workspace": workspace, "overrides": overrides, "home": home}
+        yield {"env": env, "api": api, "workspace": workspace, "overrides": overrides, "home": home,
+               "processes": processes, "start_server": start_server}  # fmt: skip
     finally:
-        _stop(worker, server)
+        _stop(*processes.values())
 
 
 def _trigger(scheduling: dict, *extra: str) -> str:
@@ -286,3 +290,32 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     workdir = re.search(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
     assert container["workingDir"] == workdir
+
+
+def _slots_taken(scheduling: dict) -> int:
+    return httpx.get(f"{scheduling['api']}/v2/concurrency_limits/finetune-training", timeout=10).json()["active_slots"]
+
+
+def test_a_server_killed_and_restarted_while_training_leaves_the_training_slot_free(scheduling):
+    """The server dies (SIGKILL) while a run holds the training slot and starts again on the same database:
+    the run carries on and completes, and it gives the slot back, so the next run does not wait for it.
+    Last in this module: it restarts the module's server."""
+    flow_run_id = _trigger(scheduling, "train.seed=6", "train.epochs=2")  # 26 steps: still training after the restart
+    deadline = time.monotonic() + 300
+    while _slots_taken(scheduling) == 0:
+        assert time.monotonic() < deadline, "the run never took the training slot"
+        time.sleep(0.5)
+
+    server = scheduling["processes"]["server"]
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    time.sleep(3)
+    scheduling["start_server"]()
+    assert _slots_taken(scheduling) == 1  # the lease survived the restart (kept on disk)
+
+    done = _wait(scheduling, flow_run_id)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    record = _record(scheduling, flow_run_id)
+    assert record["stages"]["train"]["state"] == "completed" and record["metrics"]["train_steps"] == 26
+    assert _slots_taken(scheduling) == 0  # given back: the next run trains at once
+    assert not list((scheduling["home"] / "concurrency_leases").glob("*-*-*-*-*.json"))  # no lease left behind
