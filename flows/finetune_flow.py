@@ -91,7 +91,10 @@ def _close(record: RunRecord, status: str, error: str | None = None) -> dict[str
 def _fail(record: RunRecord, name: str, error: BaseException) -> StageFailed:
     """Finish the record as failed at `name`, publish it, and return the error for the caller to raise."""
     reason = _first_line(error)
-    _close(record, "failed", f"{name}: {reason}")
+    try:
+        _close(record, "failed", f"{name}: {reason}")
+    except OSError as unwritten:  # the run folder's disk is full too: the stage's own error comes first
+        logging.getLogger("finetune").warning("the run record of %s could not be written: %s", record.run_dir, unwritten)
     return StageFailed(name, reason, record.run_dir)
 
 

@@ -19,6 +19,7 @@ RETRIED = {
 # Functions whose result is raised: what they return.
 RETURNS = {
     "finetune.training.distributed._failure": ("RankFailed", "RankFailedPermanently"),
+    "finetune.core.outputs.disk_full": ("DiskFullError",),  # a PermanentError: freeing space is the user's
     "flows.finetune_flow._fail": ("StageFailed",),  # the flow's own failure, wrapping the stage's error (flows are not retried)
 }
 VALIDATORS = {"field_validator", "model_validator"}  # pydantic turns their ValueError into ConfigError (load_config)

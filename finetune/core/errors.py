@@ -16,3 +16,8 @@ class MissingInputError(PermanentError, FileNotFoundError):
 class InternalError(PermanentError, RuntimeError):
     """A broken invariant of this project's own code: a bug to report (with the run record), not something
     the user's data, config or a retry can fix."""
+
+
+class DiskFullError(PermanentError, OSError):
+    """An output did not fit on its disk. Not retried at once (a disk does not empty itself in seconds);
+    after space is freed, a rerun or a Retry continues: finished stages and sealed checkpoints are kept."""

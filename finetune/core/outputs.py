@@ -11,6 +11,7 @@ with `manifest.json` written last. A folder without its manifest is not an outpu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from filelock import FileLock
 from pydantic import BaseModel
 
-from finetune.core.errors import InternalError, MissingInputError
+from finetune.core.errors import DiskFullError, InternalError, MissingInputError
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16  # hex digits of sha256 kept in folder names: 64 bits, no collision in practice
@@ -124,6 +125,38 @@ def stage_key(stage: str, code: str, inputs: Any, libraries: dict[str, str] | No
     return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC. Libraries wrap it: torch.save raises a
+    RuntimeError ("file write failed") from the OSError, safetensors its own error with the message."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def disk_full(stage: str, folder: Path, written: int) -> DiskFullError:
+    """The one-line error of a stage whose output did not fit: the folder, what it held and what is free."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    error = DiskFullError(
+        f"{stage}: no space left on the disk of {folder} ({_gb(free)} free): the stage needs more than the "
+        f"{_gb(written)} it had written there (its output and checkpoints); free space and run again (finished "
+        "stages and sealed checkpoints are kept)"
+    )
+    error.errno = errno.ENOSPC
+    return error
+
+
 def output_dir_for(root: Path, stage: str, key: str) -> Path:
     return Path(root) / stage / key
 
@@ -161,8 +194,11 @@ def build_output(
             if final_dir.exists():  # a leftover without its manifest: not an output
                 shutil.rmtree(final_dir)
             os.rename(tmp_dir, final_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        except BaseException as error:
+            written = _size(tmp_dir) + _size(final_dir.with_name(f"{key}.checkpoints"))
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # no half output; and the space it held is free again
+            if is_disk_full(error):
+                raise disk_full(stage, final_dir.parent, written) from error
             raise
     return final_dir
 
