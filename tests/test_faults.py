@@ -80,6 +80,9 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
     assert _states(record) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
                                "train": "completed", "evaluate": "completed", "merge": "completed",
                                "score": "completed"}  # fmt: skip
+    (killed_record,) = [r for r in map(json.loads, map(Path.read_text, (workspace / "runs").glob("*/run.json"))) if r["run_name"] != record["run_name"]]
+    assert killed_record["status"] == "crashed"  # the rerun found its process gone and said so
+    assert f"pid {killed.pid} on " in killed_record["error"]
     resumed = record["metrics"]["resumed_from_step"]
     assert 16 <= resumed <= killed_at and resumed % 2 == 0
     assert record["metrics"]["train_steps"] == 26

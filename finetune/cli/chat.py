@@ -16,6 +16,7 @@ from typing import TextIO
 
 from finetune.core.config import load_config
 from finetune.core.errors import PermanentError
+from finetune.core.record import reconcile_crashed
 
 
 class ChatError(PermanentError, ValueError):
@@ -25,6 +26,7 @@ class ChatError(PermanentError, ValueError):
 def find_run(runs_dir: Path, name: str | None) -> Path:
     """The record folder of run `name` (its folder name, or the flow-run name at its end), else the
     newest completed run."""
+    reconcile_crashed(Path(runs_dir))  # a run killed mid-way says crashed, not running
     folders = sorted(p.parent for p in Path(runs_dir).glob("*/run.json"))
     if not folders:
         raise ChatError(f"{runs_dir}: no runs yet; `finetune run` trains a model first")

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -67,9 +68,11 @@ class RunRecord:
     error: str | None = None
     promotion: dict[str, Any] | None = None  # the gate's decision, with the numbers it compared
     environment: dict[str, Any] = field(default_factory=lambda: {"versions": versions(), "hardware": hardware()})
+    process: dict[str, Any] = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
 
     @classmethod
     def begin(cls, config: FinetuneConfig, config_path: str | None, run_name: str, flow_run_id: str) -> RunRecord:
+        reconcile_crashed(Path(config.paths.runs_dir))  # earlier runs whose process died are marked as such
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         run_dir = Path(config.paths.runs_dir) / f"{stamp}-{run_name}"
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -136,6 +139,7 @@ class RunRecord:
             "seconds": round(time.monotonic() - self.started, 2),
             "stages": self.stages,
             "promotion": self.promotion,
+            "process": self.process,  # who writes this record while it runs: reconcile_crashed checks it
             "metrics": self.metrics(),
             **self.environment,
         }
@@ -152,3 +156,36 @@ class RunRecord:
         record = self.as_dict()
         write_text_atomic(self.run_dir / "run.json", json.dumps(record, indent=2))
         return record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def reconcile_crashed(runs_dir: Path) -> list[Path]:
+    """Mark as crashed every record still `running` whose process, on this host, is gone (killed, or its
+    machine restarted): nothing else will ever finish it. Records of other hosts are left to their own.
+    Returns the record folders it changed."""
+    host, changed = socket.gethostname(), []
+    for path in sorted(Path(runs_dir).glob("*/run.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # a record being written right now, or not a record
+        process = record.get("process") or {}
+        if record.get("status") != "running" or process.get("host") != host or _alive(int(process.get("pid", 0))):
+            continue
+        record["status"] = "crashed"
+        record["error"] = (
+            f"the run's process (pid {process['pid']} on {host}) ended without finishing this record: it was killed "
+            "or its machine stopped; run again to resume from the stages and checkpoints it left"
+        )
+        write_text_atomic(path, json.dumps(record, indent=2))
+        changed.append(path.parent)
+    return changed
