@@ -195,9 +195,10 @@ def build_output(
                 shutil.rmtree(final_dir)
             os.rename(tmp_dir, final_dir)
         except BaseException as error:
-            written = _size(tmp_dir) + _size(final_dir.with_name(f"{key}.checkpoints"))
+            full = is_disk_full(error)
+            written = _size(tmp_dir) + _size(final_dir.with_name(f"{key}.checkpoints")) if full else 0
             shutil.rmtree(tmp_dir, ignore_errors=True)  # no half output; and the space it held is free again
-            if is_disk_full(error):
+            if full:
                 raise disk_full(stage, final_dir.parent, written) from error
             raise
     return final_dir
