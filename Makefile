@@ -18,8 +18,10 @@ K8S_POOL := finetune-k8s
 K8S_TEMPLATE := deploy/kubernetes-gpu-job-template.json
 # A global concurrency limit held while training (tasks/stages.py TRAINING_SLOT): one training at a time.
 TRAINING_SLOT := finetune-training
+# Automations on the server (deploy/automations.yaml): a run whose process died with its worker is marked Crashed.
+AUTOMATIONS := deploy/automations.yaml
 
-.PHONY: venv demo test clean server deploy worker
+.PHONY: venv demo test faults clean server deploy worker
 
 venv: $(VENV)/.installed
 
@@ -35,7 +37,12 @@ demo: venv
 	$(BIN)/finetune run --config configs/default.yaml
 
 test: venv
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -m "not faults"
+
+# Service faults that take minutes of Prefect's own clocks (a lost worker: heartbeats, the slot's lease), apart from
+# `make test` to keep it short: run them after changing the scheduled path (tests/test_service_faults.py).
+faults: venv
+	$(BIN)/python -m pytest -q -s -m faults
 
 clean:
 	rm -rf $(VENV) runs outputs
@@ -54,6 +61,9 @@ deploy: venv  ## pools, training slot and deployments; run again after editing p
 	$(BIN)/prefect work-pool create $(POOL) --type process --overwrite
 	$(BIN)/prefect work-pool create $(K8S_POOL) --type kubernetes --base-job-template $(K8S_TEMPLATE) --overwrite
 	$(BIN)/prefect gcl inspect $(TRAINING_SLOT) >/dev/null 2>&1 || $(BIN)/prefect gcl create $(TRAINING_SLOT) --limit 1
+	for name in $$($(BIN)/python -c "import yaml; print(' '.join(a['name'] for a in yaml.safe_load(open('$(AUTOMATIONS)'))['automations']))"); do \
+	  $(BIN)/prefect --no-prompt automation delete "$$name" >/dev/null 2>&1 || true; done
+	$(BIN)/prefect automation create --from-file $(AUTOMATIONS)
 	$(BIN)/prefect --no-prompt deploy --all
 
 worker: venv  ## a process worker: runs the scheduled and triggered flow runs from this checkout

@@ -7,6 +7,7 @@ progress artifact.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,8 +38,10 @@ Inputs = TypeVar("Inputs")
 TRAINING_SLOT = "finetune-training"
 # The slot is held through a lease the run renews while it trains; a run that dies (a killed worker, a lost
 # machine) stops renewing, and the server's repossessor frees the slot once the lease has run out. `make
-# server` keeps leases on disk (Prefect's filesystem lease storage), so a server restart loses none.
+# server` keeps leases on disk (Prefect's filesystem lease storage), so a server restart loses none. The lease
+# bounds both how long a dead run keeps the slot and how long a server may be down before a live run loses it.
 SLOT_LEASE_SECONDS = 300
+SLOT_LEASE_VARIABLE = "FINETUNE_SLOT_LEASE_SECONDS"  # set in the worker's environment to change it (60 at least)
 SLOT_WAIT_REPORT_SECONDS = 30  # a waiting run says so this often, in its log (the UI's Logs tab)
 
 
@@ -53,23 +56,31 @@ def _progress_reporter(artifact_key: str, description: str):
     return report
 
 
+def slot_lease_seconds() -> int:
+    """The slot's lease: SLOT_LEASE_SECONDS, or the worker environment's FINETUNE_SLOT_LEASE_SECONDS."""
+    value = os.environ.get(SLOT_LEASE_VARIABLE, str(SLOT_LEASE_SECONDS))
+    if not value.isdigit() or not 60 <= int(value) <= 86400:
+        raise ConfigError(f"{SLOT_LEASE_VARIABLE}={value!r}: the training slot's lease is whole seconds from 60 to 86400 (Prefect's bounds); unset it for {SLOT_LEASE_SECONDS}")
+    return int(value)
+
+
 @contextmanager
 def holding(slot: str, logger) -> Iterator[None]:
     """Hold the global concurrency limit `slot` for the block, saying every SLOT_WAIT_REPORT_SECONDS what the
     run waits for while another run holds it."""
-    started = time.monotonic()
+    started, lease = time.monotonic(), slot_lease_seconds()
     with ExitStack() as stack:
         while True:
             try:
                 stack.enter_context(
-                    concurrency(slot, occupy=1, timeout_seconds=SLOT_WAIT_REPORT_SECONDS, lease_duration=SLOT_LEASE_SECONDS)
+                    concurrency(slot, occupy=1, timeout_seconds=SLOT_WAIT_REPORT_SECONDS, lease_duration=lease)
                 )
                 break
             except TimeoutError:
                 logger.info(
                     "waiting for the training slot %s for %.0f s: another run is training (prefect gcl inspect %s); a "
                     "slot left by a run that died is freed when its lease runs out, within %d s", slot,
-                    time.monotonic() - started, slot, SLOT_LEASE_SECONDS,
+                    time.monotonic() - started, slot, lease,
                 )  # fmt: skip
         if time.monotonic() - started > SLOT_WAIT_REPORT_SECONDS:
             logger.info("training slot %s taken after %.0f s of waiting", slot, time.monotonic() - started)

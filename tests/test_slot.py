@@ -55,3 +55,17 @@ def test_a_run_waiting_for_the_slot_says_what_it_waits_for_then_takes_it(slot, m
     assert len(waits) >= 1
     assert "another run is training" in waits[0] and f"prefect gcl inspect {slot}" in waits[0] and "within 300 s" in waits[0]
     assert seen.lines[-1].startswith(f"training slot {slot} taken after")
+
+
+def test_the_slot_lease_comes_from_the_worker_environment_within_prefects_bounds(monkeypatch):
+    from finetune.core.config import ConfigError
+    from tasks.stages import SLOT_LEASE_SECONDS, slot_lease_seconds
+
+    monkeypatch.delenv("FINETUNE_SLOT_LEASE_SECONDS", raising=False)
+    assert slot_lease_seconds() == SLOT_LEASE_SECONDS == 300
+    monkeypatch.setenv("FINETUNE_SLOT_LEASE_SECONDS", "90")
+    assert slot_lease_seconds() == 90
+    for bad in ("30", "5m", ""):
+        monkeypatch.setenv("FINETUNE_SLOT_LEASE_SECONDS", bad)
+        with pytest.raises(ConfigError, match=f"FINETUNE_SLOT_LEASE_SECONDS='{bad}': .* from 60 to 86400"):
+            slot_lease_seconds()
