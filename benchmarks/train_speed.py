@@ -9,7 +9,12 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `seed`: the seed recipe as it is written: micro-batches of 1, gradient accumulation 4, gradient
   checkpointing, padded batches (`train.recipe=seed`);
 - `fast`: the default: one micro-batch of 4 per optimizer step, no checkpointing; on CUDA its forward and
-  backward replay a CUDA graph (short examples), elsewhere the row is packed;
+  backward replay a CUDA graph (short examples), or long examples are packed in one row through the
+  variable-length attention kernel; elsewhere the row is packed (short) or split (long);
+- `fast_padded`: the fast step without the variable-length kernel (`train.varlen_attention=false`): long
+  examples one per micro-batch, as before the kernel was used;
+- `fast_rows_4096`: the fast step with packed rows of at most 4,096 tokens (`train.max_row_tokens=4096`): two
+  rows per step on the long workload, for less memory;
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
 - `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
@@ -43,6 +48,8 @@ RECIPES = {
     "seed": ["train.recipe=seed"],
     "fast": [],
     "fast_eager": ["train.cuda_graphs=false"],
+    "fast_padded": ["train.varlen_attention=false"],
+    "fast_rows_4096": ["train.max_row_tokens=4096"],
     "low_memory": ["train.gradient_checkpointing=true"],
     "fast_2_gpus": ["train.num_gpus=2"],
 }

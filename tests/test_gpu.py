@@ -100,6 +100,7 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
     losses, layouts = {}, {}
+    torch._C._cuda_clearCublasWorkspaces()  # cuBLAS keeps a workspace per stream it ran on (the graph's side stream too)
     before = torch.cuda.memory_allocated()
     for graphs in ("true", "false"):
         config = load_config(ROOT / "configs" / "tiny.yaml", [
@@ -111,6 +112,7 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
         layouts[graphs] = json.loads((train_dir / "summary.json").read_text())["step_layout"]
         losses[graphs] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
         gc.collect()
+        torch._C._cuda_clearCublasWorkspaces()
         assert torch.cuda.memory_allocated() - before < 2**20  # the graph's memory pool is given back
 
     assert layouts == {"true": "graphed", "false": "packed"}
@@ -139,3 +141,86 @@ def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
     assert runs[2][0]["ranks"] == 2 and runs[2][0]["micro_batch"] == [4, 1] and runs[1][0]["micro_batch"] == [8, 1]
     assert len(runs[1][1]) == len(runs[2][1]) == 13
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(runs[1][1], runs[2][1])) < 1e-3
+
+
+def _long_tokenized(tokenized_dir, out, lengths, vocab_low=100, seed=0):
+    """A tokenize-stage folder of random sequences of `lengths` tokens, the last half of each trained."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for length in lengths:
+        ids = rng.integers(vocab_low, 40000, size=length).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2 :]})
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(out / "train.parquet")
+    for name in ("eval.parquet", "format.json", "manifest.json"):
+        if (tokenized_dir / name).exists():
+            (out / name).write_bytes((tokenized_dir / name).read_bytes())
+    return out
+
+
+def test_a_packed_row_through_the_varlen_kernel_computes_each_example_alone(tiny_model_dir):
+    """The forward of long examples packed in one row through the variable-length kernel against each example
+    on its own through sdpa (bf16): the same logits to bf16 rounding. The same row with attention reaching
+    across examples (the kernel's bidirectional window) differs by far more: the check can fail."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.training import varlen
+
+    assert varlen.available(torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    torch.manual_seed(0)
+    lengths = [480, 130, 512, 300]
+    examples = [torch.randint(100, 40000, (n,), device="cuda") for n in lengths]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[None]).logits[0].float() for ids in examples])
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        packed_inputs = dict(
+            input_ids=torch.cat(examples)[None], position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None],
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths),
+        )  # fmt: skip
+        varlen.use_varlen_attention(model)
+        packed = model(**packed_inputs).logits[0].float()
+        causal = varlen._causal
+        varlen._causal = lambda kernel: {"window_size": (-1, -1)}  # attention both ways: what a wrong mask would do
+        try:
+            leaking = model(**packed_inputs).logits[0].float()
+        finally:
+            varlen._causal = causal
+
+    scale = alone.abs().max().item()
+    error, leak = (packed - alone).abs().max().item(), (leaking - alone).abs().max().item()
+    print(f"max |logit| {scale:.3f}; packed vs alone {error:.2e}; bidirectional vs alone {leak:.2e}")
+    assert error < 0.02 * scale and leak > 10 * error
+
+
+def test_long_examples_packed_through_the_varlen_kernel_train_the_steps_of_the_padded_split(workspace, tiny_model_dir):
+    """13 steps of 8 long examples (130 to 512 tokens): one packed row through the variable-length kernel
+    against the padded split without it (one example per micro-batch, sdpa), both bf16 with dropout off.
+    The same examples per step and the loss over the same tokens: the losses agree to bf16 rounding."""
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    rng = __import__("random").Random(0)
+    lengths = [rng.randint(130, 512) for _ in range(104)]
+    losses, layouts = {}, {}
+    for kernel in ("true", "false"):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.varlen_attention={kernel}",
+            "train.epochs=1",
+        ])  # fmt: skip
+        root = workspace / f"varlen-{kernel}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
+        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
+        layouts[kernel] = json.loads((train_dir / "summary.json").read_text())["step_layout"]
+        losses[kernel] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+
+    assert layouts == {"true": "varlen", "false": "padded"}
+    assert len(losses["true"]) == len(losses["false"]) == 13
+    difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
+    print(f"losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
+    assert difference < 2e-2, losses

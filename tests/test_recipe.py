@@ -73,6 +73,24 @@ def test_the_fast_step_is_graphed_on_cuda_packed_elsewhere_and_one_by_one_when_l
     assert plan_step(train, 64, 1, many_short, cuda=False) == StepPlan(8, 8, "padded")
 
 
+def test_with_the_variable_length_kernel_long_examples_are_packed_in_as_few_rows_as_fit():
+    train = load_config(ROOT / "configs" / "default.yaml").train
+    short = [75, 130, 101, 90]
+    long = [256, 2048, 2048, 1500, 900]  # 4 per step would be padded one by one without the kernel
+
+    assert plan_step(train, 4, 1, short, cuda=True, varlen=True) == StepPlan(4, 1, "graphed", static_length=136)  # short: the graph still
+    assert plan_step(train.model_copy(update={"cuda_graphs": False}), 4, 1, short, cuda=True, varlen=True) == StepPlan(4, 1, "varlen")
+    assert plan_step(train, 4, 1, long, cuda=True, varlen=True) == StepPlan(4, 1, "varlen")  # 6,496 tokens in one row
+    assert plan_step(train, 2, 2, long, cuda=True, varlen=True) == StepPlan(2, 2, "varlen")  # after an OOM halving: 2 per row
+    huge = [train.max_row_tokens // 3] * 8  # three fit a row, but 3 does not divide the 4 of a step: rows of 2
+    assert plan_step(train, 4, 1, huge, cuda=True, varlen=True) == StepPlan(2, 2, "varlen")
+    assert plan_step(train, 4, 1, [train.max_row_tokens + 1, *long], cuda=True, varlen=True) == StepPlan(1, 4, "varlen")
+    small_gpu = train.model_copy(update={"max_row_tokens": 4096})
+    assert plan_step(small_gpu, 4, 1, long, cuda=True, varlen=True) == StepPlan(2, 2, "varlen")  # 2,048 + 2,048
+    seed = train.model_copy(update={"recipe": "seed"})
+    assert plan_step(seed, 1, 4, long, cuda=True, varlen=True) == StepPlan(1, 4, "padded")  # the seed's own step
+
+
 def test_micro_batch_and_dtype_come_from_the_caller_not_the_config(tmp_path):
     train = TrainConfig(batch_size=4, grad_accum=1, gradient_checkpointing=False, optim="adamw_torch_fused", recipe="seed")
 

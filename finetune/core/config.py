@@ -266,7 +266,8 @@ class TrainConfig(Section):
         description="How each optimizer step is computed; both optimize the same thing (the same examples per step, "
         "the loss over the same tokens, the same steps). fast: one micro-batch of batch_size x grad_accum examples, "
         "no recomputation: packed in one row (attention kept inside each example), or on a CUDA GPU padded to one "
-        "static shape and replayed as a CUDA graph; examples too long to pack go one per micro-batch. seed: the seed "
+        "static shape and replayed as a CUDA graph; long examples are packed through the variable-length attention "
+        "kernel where there is one (varlen_attention), else go one per micro-batch. seed: the seed "
         "recipe's loop as written, grad_accum padded micro-batches of batch_size, with gradient checkpointing.",
     )
     cuda_graphs: bool = Field(
@@ -274,6 +275,21 @@ class TrainConfig(Section):
         description="fast recipe on a CUDA GPU: capture the forward and backward once and replay them (short "
         "examples, one micro-batch per step); several times faster where kernel launches bound the step. false: "
         "eager steps (a model whose forward cannot be captured also falls back to them, with a warning).",
+    )
+    varlen_attention: bool = Field(
+        True,
+        description="fast recipe on a CUDA GPU with torch 2.10+ in bf16 or fp16: a step's examples are packed end to "
+        "end in rows of up to max_row_tokens, attention kept inside each example by torch's variable-length kernel "
+        "(memory grows with the tokens, not their square); long examples then train about twice as fast as one "
+        "per micro-batch. false: packed rows only where they are short, through a block-diagonal mask.",
+    )
+    max_row_tokens: int = Field(
+        8192,
+        ge=512,
+        description="With varlen_attention: the most tokens packed in one row; a step's examples go in as few rows as "
+        "divide them evenly within it. Activation memory grows with it (7B shape, no checkpointing: about 55 GiB at "
+        "8,192 tokens), fewer rows are faster: lower it to fit a smaller GPU. Not part of the train key: the steps "
+        "and the loss are the same, only how a step is split.",
     )
     gradient_checkpointing: bool | None = Field(
         None,
@@ -301,7 +317,7 @@ class TrainConfig(Section):
         "Not part of the train key: turning it on does not retrain, and a cached train stage logs nothing new.",
     )
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus", "max_row_tokens"})
 
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:

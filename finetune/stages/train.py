@@ -190,14 +190,15 @@ def _save_adapter(trainer, tokenizer, tokenized_dir: Path, out: Path) -> None:
     (out / "log_history.json").write_text(json.dumps(loss_history(trainer), indent=2), encoding="utf-8")
 
 
-def _plan(train: TrainConfig, dataset, batch_size: int, grad_accum: int, one_process: bool):
+def _plan(train: TrainConfig, dataset, batch_size: int, grad_accum: int, one_process: bool, compute_dtype):
     """recipe.plan_step for this process's share of a step. CUDA graphs in one process only: DDP's hooks
     around the forward and backward are not captured."""
-    from finetune.training import recipe
+    from finetune.training import recipe, varlen
     from finetune.training.modeling import device_name
 
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    return recipe.plan_step(train, batch_size, grad_accum, lengths, cuda=device_name() == "cuda" and one_process)
+    cuda = device_name() == "cuda"
+    return recipe.plan_step(train, batch_size, grad_accum, lengths, cuda=cuda and one_process, varlen=cuda and train.varlen_attention and varlen.available(compute_dtype))
 
 
 def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
@@ -215,7 +216,7 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     compute_dtype = pick_compute_dtype(inputs.quant.compute_dtype)
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     dataset = recipe.load_examples(inputs.tokenized_dir)
-    plan = _plan(inputs.train, dataset, *split_step(step_batch, step_accum, ranks), one_process=ranks == 1)
+    plan = _plan(inputs.train, dataset, *split_step(step_batch, step_accum, ranks), one_process=ranks == 1, compute_dtype=compute_dtype)
     hooks.logger.info("step: %d x %d examples, %s", plan.batch_size, plan.grad_accum, plan.layout)
     model, base_bytes = recipe.load_model_with_lora(inputs.model_dir, inputs.quant, inputs.lora, inputs.train)
     args = recipe.sft_config(inputs.train, work_dir, plan, compute_dtype, device_name() == "cpu")

@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
-from finetune.training import graphs
+from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
 from finetune.training.modeling import load_base
 
@@ -37,9 +37,8 @@ _SFT_FIELDS = {f.name for f in dataclasses.fields(SFTConfig)}
 CHECKPOINTING_ARG = "activation_checkpointing" if "activation_checkpointing" in _SFT_FIELDS else "gradient_checkpointing"
 
 
-# A packed row attends through a block-diagonal mask over its whole length (no variable-length attention
-# kernel is used), so its cost grows with the square of the row: above this many tokens, one example per
-# micro-batch is cheaper.
+# A packed row under `sdpa` attends through a block-diagonal mask over its whole length, so its cost grows
+# with the square of the row: above this many tokens, one example per micro-batch is cheaper.
 PACK_MAX_TOKENS = 2048
 # Above this many tokens per micro-batch the GPU's arithmetic, not kernel launches, bounds the step: no graph.
 GRAPH_MAX_TOKENS = 4096
@@ -48,11 +47,13 @@ GRAPH_MAX_TOKENS = 4096
 @dataclass(frozen=True)
 class StepPlan:
     """How one optimizer step is computed: micro-batches of `batch_size` examples, `grad_accum` of them,
-    laid out as `padded` rows, one `packed` row, or `graphed` (padded to `static_length`, CUDA graph)."""
+    laid out as `padded` rows, one `packed` row (attention through a block-diagonal mask), one `varlen` row
+    (packed, attention through the variable-length kernel), or `graphed` (padded to `static_length`, CUDA
+    graph)."""
 
     batch_size: int
     grad_accum: int
-    layout: Literal["padded", "packed", "graphed"]
+    layout: Literal["padded", "packed", "varlen", "graphed"]
     static_length: int | None = None
 
 
@@ -68,32 +69,44 @@ def step_shape(train: TrainConfig) -> tuple[int, int]:
     return train.batch_size, train.grad_accum
 
 
-def plan_step(train: TrainConfig, batch_size: int, grad_accum: int, lengths: list[int], cuda: bool) -> StepPlan:
+def plan_step(
+    train: TrainConfig, batch_size: int, grad_accum: int, lengths: list[int], cuda: bool, varlen: bool = False
+) -> StepPlan:
     """The step for `train` on examples of `lengths` tokens, starting from `batch_size` x `grad_accum`
     (the recipe's shape, or a smaller micro-batch after an out-of-memory retry).
 
     Every plan puts the same examples in each optimizer step and averages the loss over the same tokens;
     only the work differs. The seed recipe pads its micro-batches as the seed did. The fast recipe:
-    - examples too long to pack (the `batch_size` longest exceed PACK_MAX_TOKENS together): padded
-      micro-batches of at most PACK_MAX_TOKENS, accumulated; long examples go one by one, unpadded;
-    - on CUDA with `train.cuda_graphs`, one micro-batch per step and no checkpointing: padded to a
-      static shape and replayed from a CUDA graph (finetune/training/graphs.py);
+    - short examples on CUDA with `train.cuda_graphs`, one micro-batch per step and no checkpointing: padded
+      to a static shape and replayed from a CUDA graph (finetune/training/graphs.py);
+    - with the variable-length attention kernel (`varlen`, finetune/training/varlen.py): packed rows of at
+      most `train.max_row_tokens` and `batch_size` examples, as few as divide the step's examples evenly
+      (fewer, longer rows are faster: each costs a dequantization of every 4-bit weight forward and backward
+      and its kernel launches; activation memory grows with the row);
+    - without it, examples too long to pack (the `batch_size` longest exceed PACK_MAX_TOKENS together):
+      padded micro-batches of at most PACK_MAX_TOKENS, accumulated; long examples go one by one, unpadded;
     - otherwise one packed row per micro-batch.
     """
     if train.recipe == "seed":
         return StepPlan(batch_size, grad_accum, "padded")
-    if sum(sorted(lengths)[-batch_size:]) > PACK_MAX_TOKENS:
+    packs = sum(sorted(lengths)[-batch_size:]) <= PACK_MAX_TOKENS
+    if packs:
+        length = graphs.static_length(lengths)
+        # Checkpointing is left eager: measured on an H200 (7B shape), the graph kept nearly the memory of no
+        # recomputation (7.9 GiB against 8.4 without, 5.3 eager), so the low-memory mode would not be one.
+        graph_fits = batch_size * length <= GRAPH_MAX_TOKENS and not recomputes_activations(train)
+        if cuda and train.cuda_graphs and grad_accum == 1 and graph_fits:
+            return StepPlan(batch_size, 1, "graphed", length)
+    if varlen:
+        examples, longest = batch_size * grad_accum, sorted(lengths, reverse=True)
+        rows = max((d for d in range(1, batch_size + 1) if examples % d == 0 and sum(longest[:d]) <= train.max_row_tokens), default=1)
+        return StepPlan(rows, examples // rows, "varlen")
+    if not packs:
         # Padded rows instead, as many per micro-batch as keep it within PACK_MAX_TOKENS (one, for long
         # examples), dividing the step's examples evenly so that every step still has all of them.
         examples, longest = batch_size * grad_accum, max(lengths)
         rows = max((d for d in range(1, batch_size + 1) if examples % d == 0 and d * longest <= PACK_MAX_TOKENS), default=1)
         return StepPlan(rows, examples // rows, "padded")
-    length = graphs.static_length(lengths)
-    # Checkpointing is left eager: measured on an H200 (7B shape), the graph kept nearly the memory of no
-    # recomputation (7.9 GiB against 8.4 without, 5.3 eager), so the low-memory mode would not be one.
-    graph_fits = batch_size * length <= GRAPH_MAX_TOKENS and not recomputes_activations(train)
-    if cuda and train.cuda_graphs and grad_accum == 1 and graph_fits:
-        return StepPlan(batch_size, 1, "graphed", length)
     return StepPlan(batch_size, grad_accum, "packed")
 
 
@@ -141,7 +154,7 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
         **{CHECKPOINTING_ARG: recomputes_activations(train)},
         # packed: the micro-batch's sequences laid end to end in one row, with position_ids restarting at each;
         # transformers' attention masks keep every sequence to itself, TRL masks the label at each start.
-        padding_free=plan.layout == "packed",
+        padding_free=plan.layout in ("packed", "varlen"),
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=use_cpu,
@@ -202,6 +215,8 @@ def build_trainer(
             **common, static_shape=(plan.batch_size, plan.static_length), pad_token_id=pad, logger=logger
         )
     else:
+        if plan.layout == "varlen":
+            varlen.use_varlen_attention(model)
         trainer = SFTTrainer(**common)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
