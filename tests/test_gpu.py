@@ -224,3 +224,37 @@ def test_long_examples_packed_through_the_varlen_kernel_train_the_steps_of_the_p
     difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
     print(f"losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
     assert difference < 2e-2, losses
+
+
+def test_fused_kernels_train_the_steps_of_the_unfused_step(workspace, tiny_model_dir):
+    """train.fused_kernels (Liger's RMSNorm, RoPE and SwiGLU kernels) on 13 steps of long examples packed through
+    the variable-length kernel, against the same steps unfused: bf16, dropout off, the losses agree to rounding,
+    and the fused run's modules are Liger's."""
+    pytest.importorskip("liger_kernel")
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    rng = __import__("random").Random(1)
+    lengths = [rng.randint(130, 512) for _ in range(104)]
+    losses, summaries = {}, {}
+    for fused in ("false", "true"):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.fused_kernels={fused}",
+        ])  # fmt: skip
+        root = workspace / f"fused-{fused}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
+        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
+        summaries[fused] = json.loads((train_dir / "summary.json").read_text())
+        losses[fused] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+
+    assert summaries["true"]["fused_modules"] >= 3 * 2 and summaries["false"]["fused_modules"] == 0  # 2 layers: MLP, 2 norms
+    from transformers.models.llama import modeling_llama
+
+    assert not modeling_llama.LlamaRMSNorm.__name__.startswith("Liger")  # the module is transformers' own again
+    assert summaries["true"]["step_layout"] == summaries["false"]["step_layout"] == "varlen"
+    assert len(losses["true"]) == len(losses["false"]) == 13
+    difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
+    print(f"fused: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
+    assert difference < 2e-2, losses

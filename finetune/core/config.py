@@ -291,6 +291,12 @@ class TrainConfig(Section):
         "8,192 tokens), fewer rows are faster: lower it to fit a smaller GPU. Not part of the train key: the steps "
         "and the loss are the same, only how a step is split.",
     )
+    fused_kernels: bool = Field(
+        False,
+        description="On a CUDA GPU: Liger-Kernel's fused Triton kernels for RMSNorm, rotary embeddings and the SwiGLU "
+        "MLP (the .[fused] extra installs liger-kernel), through the Trainer's use_liger_kernel. Less memory for "
+        "activations and fewer kernel launches; the same steps and loss up to rounding. Ignored on the CPU.",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass: less memory, slower. null: the recipe's own (seed: "

@@ -229,7 +229,8 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     if (resume_from := newest_intact_checkpoint(work_dir, hooks.logger)) is not None:
         hooks.logger.info("resuming from %s", resume_from.name)
     trained_from = time.time()
-    train_seconds = _fit(trainer, resume_from, inputs.train)
+    with recipe.model_module_restored(model):
+        train_seconds = _fit(trainer, resume_from, inputs.train)
     if train_seconds is None:  # out of memory: free it before raising, the retry runs in this process
         step = trainer.state.global_step
         del trainer, model
@@ -246,6 +247,7 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         "micro_batch": [plan.batch_size, plan.grad_accum],
         "ranks": ranks,
         "step_layout": "padded" if getattr(trainer, "graph_failed", False) else plan.layout,
+        "fused_modules": recipe.fused_module_count(model),
         "micro_batch_adjustments": adjustments,
         "base_memory_bytes_loaded": int(base_bytes),
         "peak_memory_bytes": int(peak),

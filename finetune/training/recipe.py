@@ -11,9 +11,12 @@ This module imports torch, transformers, peft and trl at the top: import it wher
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
+import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -169,6 +172,7 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
         disable_tqdm=True,  # progress goes to the log instead, one line per step
         dataloader_num_workers=0,
         max_length=None,  # tokenize already enforced tokenize.max_length
+        **fused_kernels(train, use_cpu),
     )
     # One process trains on one GPU (several are train.num_gpus' ranks, each a process). With more GPUs
     # visible and no launcher, the Trainer would wrap the model in nn.DataParallel, which TRL refuses;
@@ -182,6 +186,46 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
                 "training on a machine with several GPUs sets; set train.num_gpus to the GPU count meanwhile"
             )
     return args
+
+
+# Liger's fused linear cross-entropy is left out: TRL's SFTTrainer computes the loss through its own chunked LM head.
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": False}
+
+
+def fused_kernels(train: TrainConfig, use_cpu: bool) -> dict:
+    """The Trainer's arguments for `train.fused_kernels` (Liger's Triton kernels: CUDA only)."""
+    if not train.fused_kernels or use_cpu or not torch.cuda.is_available():
+        return {}
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise PermanentError(
+            "train.fused_kernels is true but the liger-kernel package is not installed: pip install -e '.[fused]' "
+            "(or liger-kernel), or set train.fused_kernels: false"
+        )
+    return {"use_liger_kernel": True, "liger_kernel_config": dict(LIGER_KERNELS)}
+
+
+@contextmanager
+def model_module_restored(model):
+    """Liger patches the modeling module of the model's architecture (its RMSNorm and MLP classes, its rotary
+    function) for every model built after, as well as the model itself: on exit the module is put back, so that
+    later stages in this process (evaluation, merging, on the CPU too) run transformers' own code."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules[type(base).__module__]
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+
+def fused_module_count(model) -> int:
+    """How many of the model's modules run a Liger kernel in place of transformers' code."""
+    return sum(
+        module._get_name().startswith("Liger") or getattr(module.__dict__.get("forward"), "__qualname__", "").startswith("Liger")
+        for module in model.modules()
+    )
 
 
 class StepWatch(TrainerCallback):
