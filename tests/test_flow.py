@@ -147,6 +147,16 @@ def test_an_unchanged_rerun_is_all_cached_and_changes_nothing(first, second, tin
     assert second["promotion"]["decision"] == "no change"
     assert len(json.loads((workspace / "models" / "champion.json").read_text())["history"]) == 1
     assert {"run-card", "data-report", "training-loss", "evaluation"} <= set(_artifacts(second["flow_run_id"]))
+    for picture in ("training_curve.png", "evaluation.png"):  # the same pictures, kept by what they show
+        assert Path(second["run_dir"], picture).read_bytes() == Path(first["run_dir"], picture).read_bytes()
+
+
+def test_each_stage_records_its_peak_memory_from_its_own_start(first):
+    stages = first["stages"]
+    assert all(s["peak_rss_bytes"] > 50 * 2**20 for s in stages.values())  # a Python process with torch loaded
+    assert all(s["peak_gpu_bytes"] is None for s in stages.values())  # CPU: no GPU figure rather than a wrong one
+    # Each is measured from the stage's own start: tokenizing a hundred rows peaks far below training.
+    assert stages["tokenize"]["peak_rss_bytes"] < stages["train"]["peak_rss_bytes"]
 
 
 def test_a_lora_change_reruns_train_onwards_and_the_gate_applies_its_rule(first, third, tiny_flow_run):

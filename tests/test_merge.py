@@ -110,3 +110,35 @@ def test_behaviour_beyond_the_dtypes_own_noise_fails():
     wrong = [x + 0.2 * torch.randn_like(x) for x in exact]  # a merged model that computes something else
     result = check_behaviour(rounded, wrong, exact)
     assert not result["passed"] and result["mean_logit_diff"] > result["bar"]
+
+
+def test_the_fp32_reference_cast_in_place_is_an_fp32_load_and_gives_the_weights_back(trained, tmp_path):
+    """A base stored in bf16: the fp32 reference computed by casting the loaded bf16 model up in place equals
+    the one from loading the files again in fp32, and the model's weights come back bit for bit."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from finetune.stages.merge import _base_with_adapter, _stored_dtype, continuation_logits, fp32_logits
+    from finetune.stages.tokenize import load_tokenizer
+
+    inputs, _ = trained
+    bf16_dir = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    load_tokenizer(inputs.model_dir).save_pretrained(bf16_dir)
+    inputs = replace(inputs, model_dir=bf16_dir)
+    assert _stored_dtype(bf16_dir) == "bfloat16" and _stored_dtype(trained[0].model_dir) == "float32"
+    tokenizer = load_tokenizer(bf16_dir)
+    prompts = ["### HUMAN:\nWhat is a budget?\n\n### RESPONSE:\n", "### HUMAN:\nWhy recycle?\n\n### RESPONSE:\n"]
+    answers = [tokenizer("A plan for money.", add_special_tokens=False)["input_ids"], tokenizer("It saves", add_special_tokens=False)["input_ids"]]
+
+    model = _base_with_adapter(inputs, "bfloat16")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    in_place = fp32_logits(inputs, model, "bfloat16", tokenizer, prompts, answers)
+    reloaded = continuation_logits(_base_with_adapter(inputs, "float32"), tokenizer, prompts, answers)
+
+    assert all(torch.equal(a, b) for a, b in zip(in_place, reloaded))
+    after = model.state_dict()
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+    bf16 = continuation_logits(model, tokenizer, prompts, answers)
+    assert max(float((a - b).abs().max()) for a, b in zip(bf16, in_place)) > 0  # the check compares two precisions

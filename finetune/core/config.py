@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -340,9 +340,10 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(
         96, ge=1, description="Generation limit per held-out prompt; an answer still going at it fails format."
     )
-    batch_size: int = Field(
-        32, ge=1, description="Prompts generated together: larger is faster (32 vs 8 halved evaluate on a 2-core CPU); "
-        "memory grows with it.",
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Prompts generated together: larger is faster (32 vs 8 halved evaluate on a 2-core CPU); "
+        "memory grows with it. auto: 32 on a CPU; on a GPU as many as the model's cache and logits for the longest "
+        "held-out example fit in 30% of the GPU's memory (at most 512).",
     )
     bootstrap_samples: int = Field(
         2000, ge=100, description="Bootstrap draws behind each 95% interval of a base-to-tuned difference: more "

@@ -81,13 +81,17 @@ class RunRecord:
         record.save()
         return record
 
-    def stage_done(self, stage: str, state: str, seconds: float, output_dir: Path | None) -> None:
+    def stage_done(
+        self, stage: str, state: str, seconds: float, output_dir: Path | None, memory: dict[str, Any] | None = None
+    ) -> None:
+        """`memory`: the stage's peak_rss_bytes and peak_gpu_bytes (finetune.core.measure), None where not measured."""
         manifest = read_manifest(output_dir) if output_dir else None
         self.stages[stage] = {
             "state": state,
             "key": manifest["key"] if manifest else None,
             "seconds": round(seconds, 2),
             "output_dir": str(Path(output_dir).resolve()) if output_dir else None,
+            **(memory or {"peak_rss_bytes": None, "peak_gpu_bytes": None}),
         }
         self.save()
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from typing import Any, Generic, TypeVar
 
 from finetune.core.config import ConfigError
 from finetune.core.errors import InternalError
-from finetune.core.outputs import build_output, stage_key
+from finetune.core.outputs import build_output, digest_cache_dir, stage_key, write_text_atomic
 
 Inputs = TypeVar("Inputs")
 NOT_CODE = frozenset({"finetune.core.config"})  # its values enter keys as config sections
@@ -120,10 +122,43 @@ def library_version(distribution: str) -> str:
         return "not installed"
 
 
+def _remembered(name: str, identity: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, remembered as JSON under the digest cache's folder by `identity`: a new process (every
+    `finetune run`) reads it back instead of computing it again. Identities name everything the value
+    depends on, so an entry is never stale; an unwritable cache only costs the computation."""
+    entry = digest_cache_dir().parent / name / f"{hashlib.sha256(identity.encode()).hexdigest()}.json"
+    try:
+        return json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        write_text_atomic(entry, json.dumps(value))
+    except OSError:
+        pass
+    return value
+
+
+def _installed_identity() -> str:
+    """What is installed where imports look: every distribution's metadata folder on sys.path, by name
+    (which carries its version) and modification time."""
+    found = [sys.version]
+    for folder in map(Path, sys.path):
+        try:
+            with os.scandir(folder) as entries:
+                found += sorted(
+                    f"{folder}/{e.name}:{e.stat().st_mtime_ns}" for e in entries if e.name.endswith((".dist-info", ".egg-info"))
+                )
+        except OSError:
+            continue
+    return "\n".join(found)
+
+
 @functools.cache
 def _providers() -> dict[str, list[str]]:
-    """Top-level import name -> distributions; reading every installed package's metadata takes ~0.3 s."""
-    return metadata.packages_distributions()
+    """Top-level import name -> distributions; reading every installed package's metadata takes ~0.5 s on
+    a 2-core CPU, so the map is remembered for the set of installed packages."""
+    return _remembered("providers", _installed_identity(), lambda: dict(metadata.packages_distributions()))
 
 
 def imported_distributions(module: str) -> set[str]:
@@ -153,9 +188,8 @@ class _Source:
     imports: tuple[tuple[int, str, tuple[str, ...]], ...]  # (level, module, names) of every import statement
 
 
-@functools.lru_cache(maxsize=1024)
-def _parse(path: Path, mtime_ns: int, size: int) -> _Source:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def _parse_source(text: str) -> dict[str, Any]:
+    tree = ast.parse(text)
     imports = []
     for node in ast.walk(tree):  # at any depth: lazy imports inside functions too
         if isinstance(node, ast.Import):
@@ -167,7 +201,18 @@ def _parse(path: Path, mtime_ns: int, size: int) -> _Source:
             first = node.body[0] if node.body else None
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 node.body = node.body[1:] or [ast.Pass()]
-    return _Source(ast.unparse(tree), tuple(imports))
+    return {"normalized": ast.unparse(tree), "imports": imports}
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(path: Path, mtime_ns: int, size: int) -> _Source:
+    """Parsed once per version of the file in a process, and remembered across processes by its bytes and
+    the Python version (whose ast.unparse writes the normalized text)."""
+    text = path.read_text(encoding="utf-8")
+    identity = f"{sys.version_info[:2]}\0{text}"
+    parsed = _remembered("sources", identity, lambda: _parse_source(text))
+    imports = tuple((level, name, tuple(names)) for level, name, names in parsed["imports"])
+    return _Source(parsed["normalized"], imports)
 
 
 def _source(path: Path) -> _Source:

@@ -6,11 +6,14 @@ reports as the run that computed them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
-from finetune.core.outputs import write_bytes_atomic, write_text_atomic
+from finetune.core.outputs import digest_cache_dir, write_bytes_atomic, write_text_atomic
 from finetune.core.record import read_json
+from finetune.core.stage import code_digest, library_version
 from finetune.reporting.stats import LABELS, format_difference
 
 TRAINING_CURVE, EVALUATION_CHART = "training_curve.png", "evaluation.png"  # in the run folder
@@ -21,15 +24,46 @@ def _output(record: dict[str, Any], stage: str) -> Path | None:
     return Path(folder) if folder else None
 
 
+def figures_cache_dir() -> Path:
+    """Pictures already drawn, by what they were drawn from: beside the remembered file digests."""
+    return digest_cache_dir().parent / "figures"
+
+
+def _figure(source: Path, draw: str) -> bytes | None:
+    """PNG of `draw` (a function of finetune.reporting.plots) over the JSON file `source`, or None when the
+    file has nothing to draw. A cached run draws the same pictures from the same outputs: they are kept
+    by the bytes they come from, the plotting code and matplotlib's version, and a rerun copies them
+    instead of importing matplotlib and drawing again (a second of a cached rerun on a 2-core CPU)."""
+    try:
+        data = source.read_bytes()
+    except OSError:
+        return None
+    identity = f"{draw}\0{code_digest('finetune.reporting.plots')}\0{library_version('matplotlib')}\0".encode() + data
+    cached = figures_cache_dir() / f"{hashlib.sha256(identity).hexdigest()}.png"
+    try:
+        return cached.read_bytes()
+    except OSError:
+        pass
+    from finetune.reporting import plots
+
+    value = json.loads(data)
+    if not value or (draw == "evaluation_chart" and not value.get("differences")):
+        return None
+    picture = getattr(plots, draw)(value)
+    try:
+        write_bytes_atomic(cached, picture)
+    except OSError:  # a read-only home: draw again next time
+        pass
+    return picture
+
+
 def draw_figures(record: dict[str, Any]) -> None:
     """training_curve.png and evaluation.png in the run folder, from the stage outputs the run has."""
-    from finetune.reporting.plots import evaluation_chart, training_curve
-
     run_dir, train, evaluate = Path(record["run_dir"]), _output(record, "train"), _output(record, "evaluate")
-    if train and (history := read_json(train / "log_history.json")):
-        write_bytes_atomic(run_dir / TRAINING_CURVE, training_curve(history))
-    if evaluate and (metrics := read_json(evaluate / "metrics.json")).get("differences"):
-        write_bytes_atomic(run_dir / EVALUATION_CHART, evaluation_chart(metrics))
+    if train and (picture := _figure(train / "log_history.json", "training_curve")):
+        write_bytes_atomic(run_dir / TRAINING_CURVE, picture)
+    if evaluate and (picture := _figure(evaluate / "metrics.json", "evaluation_chart")):
+        write_bytes_atomic(run_dir / EVALUATION_CHART, picture)
 
 
 def write_run_reports(record: dict[str, Any]) -> None:
@@ -95,10 +129,13 @@ def run_card(record: dict[str, Any]) -> str:
         f"Status: **{record['status']}**" + (f" ({record['error']})" if record.get("error") else "")
         + f"; {record['seconds']:.0f} s in all; device {m.get('device') or '-'}, compute dtype {m.get('compute_dtype') or '-'}.",
         "",
-        "| stage | state | seconds | key |",
-        "|---|---|---:|---|",
+        "| stage | state | seconds | peak resident | peak GPU | key |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    lines += [f"| {name} | {s['state']} | {s['seconds']} | `{s['key']}` |" for name, s in record["stages"].items()]
+    lines += [
+        f"| {name} | {s['state']} | {s['seconds']} | {_gib(s.get('peak_rss_bytes'))} | {_gib(s.get('peak_gpu_bytes'))} | `{s['key']}` |"
+        for name, s in record["stages"].items()
+    ]
     lines += [
         "",
         "| model | |",

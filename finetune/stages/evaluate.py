@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from finetune.core.config import EvalConfig, QuantConfig, TokenizeConfig
+from finetune.core.measure import Laps
 from finetune.core.stage import Hooks, Stage
 from finetune.data.template import PromptFormat
 from finetune.reporting.stats import LABELS, format_difference, paired_difference
@@ -86,14 +87,22 @@ def rouge_l(references: list[str], answers: list[str]) -> np.ndarray:
     return np.array([scorer.score(ref, answer)["rougeL"].fmeasure for ref, answer in zip(references, answers)])
 
 
-def answer_examples(model, tokenizer, eval_tokens: pd.DataFrame, eval_rows: pd.DataFrame, prompt: PromptFormat, cfg: EvalConfig) -> pd.DataFrame:
+def answer_examples(
+    model, tokenizer, eval_tokens: pd.DataFrame, eval_rows: pd.DataFrame, prompt: PromptFormat, cfg: EvalConfig,
+    laps: Laps | None = None, name: str = "model",
+) -> pd.DataFrame:  # fmt: skip
     """One row per held-out example: loss and tokens (teacher-forced on the reference), the greedy
     answer, its ROUGE-L against the reference, whether it kept the format, and its length."""
-    from finetune.training.modeling import greedy_generate
+    from finetune.training.modeling import eval_batch_size, greedy_generate
 
-    loss, tokens = example_losses(model, eval_tokens, tokenizer.pad_token_id, cfg.batch_size)
+    laps = laps or Laps()
+    longest = max(len(ids) for ids in eval_tokens.input_ids) + cfg.max_new_tokens
+    batch_size = eval_batch_size(cfg.batch_size, model, longest)
+    loss, tokens = example_losses(model, eval_tokens, tokenizer.pad_token_id, batch_size)
+    laps.lap(f"{name}_loss")
     prompts = [prompt.prompt(text) for text in eval_rows.instruction]
-    generated = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    generated = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size)
+    laps.lap(f"{name}_generate")
     answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
     return pd.DataFrame({
         "loss": loss, "tokens": tokens, "answer": answers,
@@ -177,10 +186,12 @@ def _evaluate(inputs: EvaluateInputs, key: str, out: Path, hooks: Hooks) -> dict
     eval_tokens = pd.read_parquet(Path(inputs.tokenized_dir) / "eval.parquet")
     prompt, cfg = PromptFormat(inputs.tokenize.template), inputs.eval
 
+    laps = Laps()
     model = PeftModel.from_pretrained(load_base(Path(inputs.model_dir), inputs.quant), Path(inputs.train_dir) / "adapter")
-    tuned = answer_examples(model, tokenizer, eval_tokens, eval_rows, prompt, cfg)
+    laps.lap("load")
+    tuned = answer_examples(model, tokenizer, eval_tokens, eval_rows, prompt, cfg, laps, "tuned")
     with model.disable_adapter():
-        base = answer_examples(model, tokenizer, eval_tokens, eval_rows, prompt, cfg)
+        base = answer_examples(model, tokenizer, eval_tokens, eval_rows, prompt, cfg, laps, "base")
 
     metrics = {
         "examples": len(eval_rows), "max_new_tokens": cfg.max_new_tokens,
@@ -188,6 +199,8 @@ def _evaluate(inputs: EvaluateInputs, key: str, out: Path, hooks: Hooks) -> dict
         "base": summary(base), "tuned": summary(tuned), "differences": differences(base, tuned, cfg),
         "topics": by_topic(base, tuned, eval_rows.topic, cfg) if "topic" in eval_rows else [],
     }  # fmt: skip
+    laps.lap("intervals")
+    metrics["seconds"] = laps.seconds
     columns = [name for name in ("instruction", "response", "topic") if name in eval_rows]
     samples = pd.concat(
         [eval_rows[columns].rename(columns={"response": "reference"}).reset_index(drop=True), base.add_prefix("base_"), tuned.add_prefix("tuned_")],
@@ -221,9 +234,11 @@ def _score(inputs: ScoreInputs, key: str, out: Path, hooks: Hooks) -> dict:
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     eval_rows = pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet")
     eval_tokens, _, _ = encode_split(tokenizer, eval_rows, inputs.tokenize)
+    laps = Laps()
     model = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype="auto").to(device_name())
-    examples = answer_examples(model, tokenizer, eval_tokens, eval_rows, PromptFormat(inputs.tokenize.template), inputs.eval)
-    metrics = {**summary(examples), "examples": len(eval_rows)}
+    laps.lap("load")
+    examples = answer_examples(model, tokenizer, eval_tokens, eval_rows, PromptFormat(inputs.tokenize.template), inputs.eval, laps)
+    metrics = {**summary(examples), "examples": len(eval_rows), "seconds": laps.seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     examples.insert(0, "instruction", list(eval_rows.instruction))
     examples.insert(1, "reference", list(eval_rows.response))

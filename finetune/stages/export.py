@@ -27,8 +27,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from finetune.core.config import ExportConfig
 from finetune.core.errors import PermanentError
 from finetune.core.preflight import GGUF_CONVERTER, GGUF_CONVERTER_MISSING
@@ -174,6 +172,7 @@ def _export(inputs: ExportInputs, key: str, out: Path, hooks: Hooks) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune.stages.merge import check_prompts
     from finetune.stages.tokenize import load_tokenizer, set_chat_template
     from finetune.training.modeling import device_name
 
@@ -182,8 +181,7 @@ def _export(inputs: ExportInputs, key: str, out: Path, hooks: Hooks) -> dict:
     model_dir = Path(inputs.merged_dir) / "model"
     tokenizer = load_tokenizer(model_dir)
     set_chat_template(tokenizer, inputs.template)  # what the files must carry: the trained format, whatever the folder holds
-    prompt = PromptFormat(inputs.template)
-    prompts = [prompt.prompt(text) for text in pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet").instruction]
+    prompts = check_prompts(Path(inputs.prepared_dir), inputs.template)
     hooks.logger.info("the merged model answers %d held-out prompts (the reference of the check)", len(prompts))
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device_name())
     reference = _answers_and_logits(merged, tokenizer, prompts, inputs.export.check_max_new_tokens)

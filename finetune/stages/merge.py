@@ -21,6 +21,7 @@ import pandas as pd
 
 from finetune.core.config import MergeConfig, TokenizeConfig
 from finetune.core.errors import PermanentError
+from finetune.core.measure import Laps
 from finetune.core.stage import Hooks, Stage
 from finetune.data.template import PromptFormat
 from finetune.stages.tokenize import load_tokenizer, set_chat_template
@@ -37,6 +38,16 @@ class MergeInputs:
     prepared_dir: Path  # output of prepare: held-out prompts for the parity check
     tokenize: TokenizeConfig
     merge: MergeConfig
+
+
+CHECK_PROMPTS = 32  # held-out prompts the merge and export checks answer: a wrong layer moves every position
+
+
+def check_prompts(prepared_dir: Path, template: str) -> list[str]:
+    """The first CHECK_PROMPTS held-out instructions in the training prompt format: the checks stay seconds
+    long when the held-out set has thousands of prompts."""
+    rows = pd.read_parquet(Path(prepared_dir) / "eval.parquet").instruction.head(CHECK_PROMPTS)
+    return [PromptFormat(template).prompt(text) for text in rows]
 
 
 def continuation_logits(model, tokenizer, prompts: list[str], continuations: list[list[int]]) -> list:
@@ -60,8 +71,48 @@ def _base_with_adapter(inputs: MergeInputs, dtype: str):
 
     from finetune.training.modeling import DTYPES, device_name
 
-    base = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype=DTYPES[dtype]).to(device_name())
+    # Placed while loading: no whole copy in host memory first.
+    base = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype=DTYPES[dtype], device_map={"": device_name()})
     return PeftModel.from_pretrained(base, Path(inputs.train_dir) / "adapter")
+
+
+def _stored_dtype(model_dir: Path) -> str | None:
+    """The dtype the base's weights are saved in (float32, bfloat16, float16), from its first safetensors file."""
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith("_proj.weight"):
+                    return names.get(handle.get_slice(name).get_dtype())
+    return None
+
+
+def fp32_logits(inputs: MergeInputs, model, dtype: str, tokenizer, prompts: list[str], answers: list[list[int]]) -> list:
+    """Base+adapter's logits in fp32. When the base is stored in the merge dtype, the loaded model is cast
+    to fp32 in place and back: 16-bit values are exact in fp32, so it computes what an fp32 load of the same
+    files would, and the round trip returns the very same weights (no second copy of the model is loaded).
+    A base stored in more precision than the merge dtype is loaded again in fp32 and freed after use."""
+    if _stored_dtype(Path(inputs.model_dir)) != dtype:
+        return continuation_logits(_base_with_adapter(inputs, "float32"), tokenizer, prompts, answers)
+    import torch
+
+    held = [*model.parameters(), *model.buffers()]
+    dtypes = [tensor.dtype for tensor in held]
+    try:
+        for tensor in held:
+            tensor.data = tensor.data.float()
+        return continuation_logits(model, tokenizer, prompts, answers)
+    finally:
+        for tensor, original in zip(held, dtypes):
+            tensor.data = tensor.data.to(original)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2), encoding="utf-8")
 
 
 def _failure(weights: dict, behaviour: dict, dtype: str) -> str:
@@ -80,20 +131,27 @@ def _merge(inputs: MergeInputs, key: str, out: Path, hooks: Hooks) -> dict:
     from finetune.training.merge_check import check_behaviour, check_weights
     from finetune.training.modeling import greedy_generate
 
+    laps = Laps()
     dtype = inputs.merge.dtype.value
     tokenizer = load_tokenizer(Path(inputs.model_dir))
-    prompt = PromptFormat(inputs.tokenize.template)
-    prompts = [prompt.prompt(text) for text in pd.read_parquet(Path(inputs.prepared_dir) / "eval.parquet").instruction]
+    prompts = check_prompts(Path(inputs.prepared_dir), inputs.tokenize.template)
 
     model = _base_with_adapter(inputs, dtype)
+    laps.lap("load")
     answers = greedy_generate(model, tokenizer, prompts, inputs.merge.parity_max_new_tokens, batch_size=len(prompts))
+    laps.lap("generate")
     reference = continuation_logits(model, tokenizer, prompts, answers)
-    reference_fp32 = reference if dtype == "float32" else continuation_logits(_base_with_adapter(inputs, "float32"), tokenizer, prompts, answers)
+    laps.lap("logits")
+    reference_fp32 = reference if dtype == "float32" else fp32_logits(inputs, model, dtype, tokenizer, prompts, answers)
+    laps.lap("logits_fp32")
     merged_model = model.merge_and_unload()
+    laps.lap("merge")
     weights = check_weights(merged_model.state_dict(), Path(inputs.model_dir), Path(inputs.train_dir) / "adapter", dtype)
+    laps.lap("check_weights")
     behaviour = check_behaviour(reference, continuation_logits(merged_model, tokenizer, prompts, answers), reference_fp32)
-    check = {"dtype": dtype, "prompts": len(prompts), "weights": weights, "behaviour": behaviour}
-    (out / "merge_check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
+    laps.lap("check_behaviour")
+    check = {"dtype": dtype, "prompts": len(prompts), "weights": weights, "behaviour": behaviour, "seconds": laps.seconds}
+    write_json(out / "merge_check.json", check)
     if not (weights["passed"] and behaviour["passed"]):
         raise MergeCheckError(_failure(weights, behaviour, dtype))
 
@@ -102,6 +160,8 @@ def _merge(inputs: MergeInputs, key: str, out: Path, hooks: Hooks) -> dict:
     merged_model.generation_config.pad_token_id = tokenizer.pad_token_id
     merged_model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
+    laps.lap("save")
+    write_json(out / "merge_check.json", check)
     hooks.logger.info(
         "merge check passed: weights at %.3g of the rounding bound; logits %s from base+adapter in fp32 (bar %s)",
         weights["error_to_rounding_bound"], behaviour["mean_logit_diff"], behaviour["bar"],
