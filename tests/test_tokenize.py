@@ -75,3 +75,26 @@ def test_eos_is_trained_even_when_pad_is_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     example = encode_example(tokenizer, TokenizeConfig().template, "Q?", "A.", LossOn.response)
     assert example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_the_batched_encoding_is_the_one_call_per_text_encoding_and_chunks_change_nothing(workspace, tiny_model_dir, tokenizer, monkeypatch):
+    """Every row's ids equal the tokenizer called on its prompt and response one at a time, and a split
+    written in chunks of 7 rows is the split written in one chunk, row for row, stats and rejects included."""
+    from finetune.stages import tokenize
+
+    prepared = prepare_dataset(prepare_inputs(workspace / "data/raw", workspace / "data/eval/heldout.jsonl"), workspace / "p")
+    frame = pd.read_parquet(prepared / "train.parquet")
+    cfg = TokenizeConfig(max_length=80)
+    template = tokenize.PromptFormat(cfg.template)
+    for row, ids in zip(frame.itertuples(), tokenize.encode_split(tokenizer, frame, TokenizeConfig(max_length=4096))[0].input_ids):
+        prompt = tokenizer(template.prompt(row.instruction))["input_ids"]
+        response = tokenizer(row.response, add_special_tokens=False)["input_ids"]
+        assert list(ids) == [*prompt, *response, tokenizer.eos_token_id]
+
+    whole = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=cfg), workspace / "whole")
+    monkeypatch.setattr(tokenize, "CHUNK_ROWS", 7)
+    chunked = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=tiny_model_dir, tokenize=cfg), workspace / "chunked")
+    for name in ("train.parquet", "eval.parquet", "rejected.parquet"):
+        assert pd.read_parquet(chunked / name).equals(pd.read_parquet(whole / name))
+    assert (chunked / "stats.json").read_text() == (whole / "stats.json").read_text()
+    assert json.loads((whole / "stats.json").read_text())["train"]["rejected"] > 0  # rejects fall in several chunks

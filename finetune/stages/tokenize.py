@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from finetune.core.config import LossOn, OverLength, TokenizeConfig
 from finetune.core.errors import PermanentError
@@ -63,20 +64,7 @@ def encode_example(
     unless loss_on is full) and its response with EOS (trained), one after another, as the saved chat
     template renders them; only the first prompt gets the tokenizer's special tokens (BOS).
     `prompt_length`: the first prompt's tokens; `exchange_ends`: where each exchange ends."""
-    prompt = PromptFormat(template)
-    texts = [*history, instruction, response]
-    input_ids: list[int] = []
-    labels: list[int] = []
-    ends: list[int] = []
-    prompt_length = 0
-    for n in range(0, len(texts), 2):
-        prompt_ids = tokenizer(prompt.prompt(texts[n]), add_special_tokens=n == 0)["input_ids"]
-        response_ids = tokenizer(texts[n + 1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt_length = prompt_length or len(prompt_ids)
-        labels += (list(prompt_ids) if loss_on == LossOn.full else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
-        input_ids += prompt_ids + response_ids
-        ends.append(len(input_ids))
-    return {"input_ids": input_ids, "labels": labels, "prompt_length": prompt_length, "exchange_ends": ends}
+    return encode_rows(tokenizer, template, [instruction], [response], loss_on, [history])[0]
 
 
 def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[dict | None, str | None]:
@@ -96,34 +84,104 @@ def fit_length(example: dict, max_length: int, overlength: OverLength) -> tuple[
     return {**example, "input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}, None
 
 
-def encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
-    kept_rows, rejected, lengths, truncated = [], [], [], 0
-    for row in frame.itertuples():
-        history = list(getattr(row, "history", ()))  # a Parquet list cell reads back as an array
-        example = encode_example(tokenizer, cfg.template, row.instruction, row.response, cfg.loss_on, history)
-        lengths.append(len(example["input_ids"]))
+def encode_rows(
+    tokenizer, template: str, instructions: Sequence[str], responses: Sequence[str], loss_on: LossOn,
+    histories: Sequence[Sequence[str]] | None = None,
+) -> list[dict[str, list[int]]]:  # fmt: skip
+    """`encode_example` of every row, with the tokenizer called once for all first prompts, once for all
+    later prompts and once for all responses (its batch call encodes on every core); the same token ids."""
+    prompt = PromptFormat(template)
+    histories = histories if histories is not None else [()] * len(instructions)
+    rows = [[*history, instruction, response] for history, instruction, response in zip(histories, instructions, responses)]
+    firsts = [prompt.prompt(texts[0]) for texts in rows]
+    laters = [prompt.prompt(texts[n]) for texts in rows for n in range(2, len(texts), 2)]
+    answers = [texts[n] for texts in rows for n in range(1, len(texts), 2)]
+    first_ids = tokenizer(firsts, add_special_tokens=True)["input_ids"] if firsts else []
+    later_ids = iter(tokenizer(laters, add_special_tokens=False)["input_ids"] if laters else [])
+    answer_ids = iter(tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else [])
+    encoded = []
+    for texts, first in zip(rows, first_ids):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        ends: list[int] = []
+        for n in range(0, len(texts), 2):
+            prompt_ids = list(first) if n == 0 else next(later_ids)
+            response_ids = [*next(answer_ids), tokenizer.eos_token_id]
+            labels += (list(prompt_ids) if loss_on == LossOn.full else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+            input_ids += prompt_ids + response_ids
+            ends.append(len(input_ids))
+        encoded.append({"input_ids": input_ids, "labels": labels, "prompt_length": len(first), "exchange_ends": ends})
+    return encoded
+
+
+@dataclass
+class SplitStats:
+    """Figures of a split encoded in chunks, summed as they come."""
+
+    examples: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    tokens_total: int = 0
+    tokens_trained: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        lengths = pd.Series(self.lengths, dtype="int64")
+        return {
+            "examples": self.examples, "rejected": self.rejected, "truncated": self.truncated,
+            "tokens_total": self.tokens_total, "tokens_trained": self.tokens_trained,
+            "length_mean": round(float(lengths.mean()), 1), "length_max": int(lengths.max()),
+            "length_p95": int(lengths.quantile(0.95)),
+        }  # fmt: skip
+
+
+def encode_chunk(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig, stats: SplitStats) -> tuple[pd.DataFrame, list[dict]]:
+    """Token ids and labels of the rows of `frame` that fit (and their rejects), counted into `stats`."""
+    histories = [list(h) for h in frame["history"]] if "history" in frame else None  # a Parquet list cell reads back as an array
+    examples = encode_rows(tokenizer, cfg.template, list(frame.instruction), list(frame.response), cfg.loss_on, histories)
+    kept_rows, rejected = [], []
+    for example, source_file, source_line in zip(examples, frame.source_file, frame.source_line):
+        stats.lengths.append(len(example["input_ids"]))
         fitted, reason = fit_length(example, cfg.max_length, cfg.overlength)
-        if fitted is not None and not any(t != IGNORE_INDEX for t in fitted["labels"]):
+        trained = sum(1 for t in fitted["labels"] if t != IGNORE_INDEX) if fitted is not None else 0
+        if fitted is not None and not trained:
             fitted, reason = None, "no token left to train on after masking the prompt"
         if fitted is None:
-            rejected.append({"source_file": row.source_file, "source_line": int(row.source_line), "reason": reason})
+            rejected.append({"source_file": source_file, "source_line": int(source_line), "reason": reason})
             continue
-        truncated += fitted is not example
-        kept_rows.append(fitted)
-    kept = pd.DataFrame(kept_rows, columns=["input_ids", "labels", "prompt_length"])
-    lengths = pd.Series(lengths)
-    trained = kept.labels.map(lambda labels: sum(1 for t in labels if t != IGNORE_INDEX))
-    stats = {
-        "examples": len(kept),
-        "rejected": len(rejected),
-        "truncated": int(truncated),
-        "tokens_total": int(kept.input_ids.str.len().sum()),
-        "tokens_trained": int(trained.sum()),
-        "length_mean": round(float(lengths.mean()), 1),
-        "length_max": int(lengths.max()),
-        "length_p95": int(lengths.quantile(0.95)),
-    }
-    return kept, stats, rejected
+        stats.truncated += fitted is not example
+        stats.tokens_total += len(fitted["input_ids"])
+        stats.tokens_trained += trained
+        kept_rows.append({"input_ids": fitted["input_ids"], "labels": fitted["labels"], "prompt_length": fitted["prompt_length"]})
+    stats.examples += len(kept_rows)
+    stats.rejected += len(rejected)
+    return pd.DataFrame(kept_rows, columns=["input_ids", "labels", "prompt_length"]), rejected
+
+
+def encode_split(tokenizer, frame: pd.DataFrame, cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
+    """A whole split in memory (the held-out set): its encoded rows, stats and rejects."""
+    stats = SplitStats()
+    kept, rejected = encode_chunk(tokenizer, frame, cfg, stats)
+    return kept, stats.as_dict(), rejected
+
+
+CHUNK_ROWS = 50_000  # rows read, encoded and written at a time: memory stays flat as the data grows
+TOKENS_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())), ("prompt_length", pa.int64())])
+
+
+def encode_file(tokenizer, source: Path, target: Path, cfg: TokenizeConfig) -> tuple[dict, list[dict]]:
+    """Encode the prepared split `source` into `target` chunk by chunk; (stats, rejects)."""
+    import pyarrow.parquet as pq
+
+    stats, rejected = SplitStats(), []
+    with pq.ParquetWriter(target, TOKENS_SCHEMA) as writer:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=CHUNK_ROWS):
+            kept, chunk_rejects = encode_chunk(tokenizer, batch.to_pandas(), cfg, stats)
+            writer.write_table(pa.Table.from_pandas(kept, schema=TOKENS_SCHEMA, preserve_index=False))
+            rejected += chunk_rejects
+    if not stats.lengths:
+        raise DataError(f"{source}: no rows to tokenize")
+    return stats.as_dict(), rejected
 
 
 def _tokenize(inputs: TokenizeInputs, key: str, out: Path, hooks: Hooks) -> dict:
@@ -131,13 +189,11 @@ def _tokenize(inputs: TokenizeInputs, key: str, out: Path, hooks: Hooks) -> dict
     tokenizer = load_tokenizer(Path(inputs.model_dir))
     stats, rejected = {}, []
     for split in ("train", "eval"):
-        frame = pd.read_parquet(Path(inputs.prepared_dir) / f"{split}.parquet")
-        encoded, stats[split], split_rejects = encode_split(tokenizer, frame, inputs.tokenize)
+        stats[split], split_rejects = encode_file(tokenizer, Path(inputs.prepared_dir) / f"{split}.parquet", out / f"{split}.parquet", inputs.tokenize)
         rejected += [{**r, "split": split} for r in split_rejects]
-        if encoded.empty:
+        if not stats[split]["examples"]:
             first = split_rejects[0]
             raise DataError(f"every {split} example was rejected, e.g. {first['source_file']}:{first['source_line']}: {first['reason']}")
-        encoded.to_parquet(out / f"{split}.parquet", index=False)
     pd.DataFrame(rejected, columns=["source_file", "source_line", "reason", "split"]).to_parquet(
         out / "rejected.parquet", index=False
     )
