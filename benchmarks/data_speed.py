@@ -63,16 +63,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-data-bench"))
+    parser.add_argument("--stages", default="prepare,tokenize", help="tokenize alone: --work is a folder a run prepared")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    work = args.work / str(time.time_ns())
+    stages = args.stages.split(",")
+    work = args.work / str(time.time_ns()) if "prepare" in stages else args.work
     files = sorted(p for p in args.raw.iterdir() if p.is_file())
     result = {
         "raw_files": len(files), "raw_bytes": sum(p.stat().st_size for p in files),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
-    for stage in ("prepare", "tokenize"):
+    if args.out.is_file():  # keep the figures of stages not run now
+        result = {**json.loads(args.out.read_text()), **result}
+    for stage in stages:
         result[stage] = run_stage(stage, args.raw, work)
         print(json.dumps({stage: result[stage]}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
