@@ -47,6 +47,8 @@ def example_losses(model, examples: pd.DataFrame, pad_token_id: int, batch_size:
     """(mean cross-entropy per response token, number of response tokens) of each example (labels != -100)."""
     import torch
 
+    from finetune.training.modeling import inference_attention
+
     losses, counts = [], []
     model.eval()
     for start in range(0, len(examples), batch_size):
@@ -59,7 +61,7 @@ def example_losses(model, examples: pd.DataFrame, pad_token_id: int, batch_size:
             ids[i, : len(row_ids)] = torch.tensor(list(row_ids))
             labels[i, : len(row_labels)] = torch.tensor(list(row_labels))
             mask[i, : len(row_ids)] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_attention():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
         shifted = labels[:, 1:].to(model.device)

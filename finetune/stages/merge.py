@@ -54,12 +54,14 @@ def continuation_logits(model, tokenizer, prompts: list[str], continuations: lis
     """Logits that chose each continuation token, (new_tokens, vocab) per prompt, in float32."""
     import torch
 
+    from finetune.training.modeling import inference_attention
+
     logits = []
     model.eval()
     for prompt, continuation in zip(prompts, continuations):
         prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         ids = torch.cat([prompt_ids, torch.tensor([continuation])], dim=1).to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_attention():
             # Position t predicts token t+1: the last prompt position predicts the first new token.
             logits.append(model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1 : -1].float().cpu())
     return logits

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def load_base(model_dir: Path, quant: QuantConfig):
     return model
 
 
+def inference_attention():
+    """The attention kernels of evaluation's forward passes. On CUDA, flash or memory-efficient attention and
+    not cuDNN's, which builds a plan for every new shape: each decoding step has a new key length, and the
+    first 96-token decode of 25 prompts on an H200 (7B shape) took 15.2 s against 6.7 s for the same decode
+    again. A context manager; a no-op on CPUs."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 CPU_EVAL_BATCH = 32  # 32 against 8 halved evaluate on a 2-core CPU
 GPU_EVAL_MEMORY_SHARE = 0.3  # of the GPU's memory, for one batch's cache and logits: the model and the rest fit beside
 MAX_EVAL_BATCH = 512
@@ -100,7 +113,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     for start in range(0, len(prompts), batch_size):
         picked = order[start : start + batch_size]
         batch = tokenizer([prompts[n] for n in picked], return_tensors="pt", padding=True).to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_attention():
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
