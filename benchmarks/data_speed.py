@@ -25,14 +25,14 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from finetune.core.config import ModelConfig, load_config
-from finetune.core.measure import stage_peak_memory
+from finetune.core.measure import PeakMemory
 config = load_config(Path({root!r}) / "configs/default.yaml", [])
 started = time.perf_counter()
 if {stage!r} == "prepare":
     from finetune.stages.prepare import PrepareInputs, prepare_dataset
-    with stage_peak_memory() as memory:
-        out = prepare_dataset(PrepareInputs(raw_dir=Path({raw!r}), heldout_path=Path({root!r}) / "data/eval/heldout.jsonl",
-                                            data=config.data, template=config.tokenize.template), Path({work!r}))
+    memory = PeakMemory()
+    out = prepare_dataset(PrepareInputs(raw_dir=Path({raw!r}), heldout_path=Path({root!r}) / "data/eval/heldout.jsonl",
+                                        data=config.data, template=config.tokenize.template), Path({work!r}))
     rows = json.loads((out / "manifest.json").read_text()).get("train_rows")
 else:
     from finetune.stages.resolve import ResolveInputs, resolve_model
@@ -40,10 +40,10 @@ else:
     model_dir = resolve_model(ResolveInputs.of(ModelConfig()), Path({work!r}))
     prepared = sorted(Path({work!r}, "prepare").glob("*/manifest.json"))[-1].parent
     started = time.perf_counter()
-    with stage_peak_memory() as memory:
-        out = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=model_dir, tokenize=config.tokenize), Path({work!r}))
+    memory = PeakMemory()
+    out = tokenize_dataset(TokenizeInputs(prepared_dir=prepared, model_dir=model_dir, tokenize=config.tokenize), Path({work!r}))
     rows = json.loads((out / "stats.json").read_text())["train"]["examples"]
-print(json.dumps({{"seconds": round(time.perf_counter() - started, 1), "rows": rows, "peak_rss_bytes": memory["peak_rss_bytes"], "output": str(out)}}))
+print(json.dumps({{"seconds": round(time.perf_counter() - started, 1), "rows": rows, "peak_rss_bytes": memory.read()["peak_rss_bytes"], "output": str(out)}}))
 """
 
 

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from finetune.core.champion import champion_model_dir
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import PermanentError
-from finetune.core.measure import stage_peak_memory
+from finetune.core.measure import PeakMemory
 from finetune.core.preflight import check_hardware
 from finetune.core.record import RunRecord
 from finetune.reporting.run_card import write_run_reports
@@ -104,19 +104,15 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
     task or in computing its key, ends the run."""
     name = name or stage_task.stage.name
     started = time.monotonic()
-    with stage_peak_memory() as memory:
-        try:
-            state = stage_task(inputs, root, name)
-            output_dir = state.result()  # the task's own exception, re-raised, when it failed
-        except Exception as error:
-            failed = error
-        else:
-            failed = None
-    if failed is not None:
-        record.stage_done(name, "failed", time.monotonic() - started, None, memory)
-        raise _fail(record, name, failed) from failed
+    memory = PeakMemory()
+    try:
+        state = stage_task(inputs, root, name)
+        output_dir = state.result()  # the task's own exception, re-raised, when it failed
+    except Exception as error:
+        record.stage_done(name, "failed", time.monotonic() - started, None, memory.read())
+        raise _fail(record, name, error) from error
     state_name = "cached" if state.name == "Cached" else "completed"
-    record.stage_done(name, state_name, time.monotonic() - started, output_dir, memory)
+    record.stage_done(name, state_name, time.monotonic() - started, output_dir, memory.read())
     return output_dir
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +39,21 @@ def _cuda():
     return torch.cuda if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
-@contextmanager
-def stage_peak_memory() -> Iterator[dict[str, Any]]:
-    """Yield a dict filled on exit with `peak_rss_bytes` and `peak_gpu_bytes` (None where not measured)."""
-    measured: dict[str, Any] = {"peak_rss_bytes": None, "peak_gpu_bytes": None}
-    resettable = _reset_resident_peak()
-    if (cuda := _cuda()) is not None:
-        cuda.reset_peak_memory_stats()
-    try:
-        yield measured
-    finally:
-        measured["peak_rss_bytes"] = _resident_peak_bytes() if resettable else None
-        if (cuda := _cuda()) is not None:  # a stage may have initialized CUDA itself
-            measured["peak_gpu_bytes"] = int(cuda.max_memory_allocated())
+class PeakMemory:
+    """Peaks from now on: created at a stage's start, `read()` at its end gives `peak_rss_bytes` and
+    `peak_gpu_bytes` (None where not measured)."""
+
+    def __init__(self) -> None:
+        self._resettable = _reset_resident_peak()
+        if (cuda := _cuda()) is not None:
+            cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict[str, Any]:
+        cuda = _cuda()  # a stage may have initialized CUDA itself
+        return {
+            "peak_rss_bytes": _resident_peak_bytes() if self._resettable else None,
+            "peak_gpu_bytes": int(cuda.max_memory_allocated()) if cuda is not None else None,
+        }
 
 
 class Laps:

@@ -84,7 +84,7 @@ class RunRecord:
     def stage_done(
         self, stage: str, state: str, seconds: float, output_dir: Path | None, memory: dict[str, Any] | None = None
     ) -> None:
-        """`memory`: the stage's peak_rss_bytes and peak_gpu_bytes (finetune.core.measure), None where not measured."""
+        """`memory`: the stage's peak_rss_bytes and peak_gpu_bytes (finetune.core.measure.PeakMemory), None where not measured."""
         manifest = read_manifest(output_dir) if output_dir else None
         self.stages[stage] = {
             "state": state,
