@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, workspace_overrides
+from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
 QUESTION = "Explain machine learning in simple terms."

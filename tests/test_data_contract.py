@@ -181,3 +181,47 @@ def test_any_bytes_as_a_file_are_a_clean_reject_or_error(tmp_path_factory, conte
     shutil.copy(ROOT / "data/raw/education.jsonl", raw)
     (raw / f"z{suffix}").write_bytes(content)
     _outcome_is_clean(raw, ROOT / "data/eval/heldout.jsonl", tmp_path_factory.mktemp("out"))
+
+
+def test_rows_read_in_chunks_are_the_rows_read_at_once(tmp_path, monkeypatch):
+    """Every reader handed on in chunks of 7 rows gives the same rows, rejects and order as in one chunk,
+    across a file whose bad rows fall inside and on the edges of chunks."""
+    from finetune.data import readers
+
+    records = [with_(instruction=f"What is rain, case {i}?") for i in range(40)]
+    records[6] = with_(instruction="")  # invalid: rejected by the schema, in the first chunk
+    records[21] = with_(response=7)  # rejected by the reader, on a chunk edge
+    (tmp_path / "a.jsonl").write_bytes(jsonl(*records[:30], b'{"broken', *records[30:]))
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    pd.DataFrame(records[:21] + records[22:]).to_parquet(tmp_path / "c.parquet")
+    pd.DataFrame(records[:21] + records[22:]).to_csv(tmp_path / "d.csv", index=False)
+    files = data_files(tmp_path)
+
+    whole_rows, whole_rejected = load_rows(files, CONFIG, PROMPT)
+    monkeypatch.setattr(readers, "CHUNK_ROWS", 7)
+    chunks = list(readers.read_chunks(tmp_path / "a.jsonl"))
+    rows, rejected = load_rows(files, CONFIG, PROMPT)
+
+    assert [len(chunk.rows) for chunk in chunks] == [7, 7, 7, 7, 7, 4]  # 41 lines, 2 rejected by the reader
+    assert len(whole_rows) == 4 * 38 and len(whole_rejected) == 3 + 2 + 1 + 1
+    pd.testing.assert_frame_equal(rows, whole_rows)
+    assert sorted(rejected, key=str) == sorted(whole_rejected, key=str)
+
+
+def test_near_duplicates_are_every_pair_at_or_over_the_similarity():
+    """The indexed search finds exactly the pairs that comparing every training instruction with every
+    held-out one finds, with the exact Jaccard similarity of their character 4-grams."""
+    from finetune.data.checks import _grams, near_duplicates
+
+    train, _ = load_rows(data_files(ROOT / "data/raw"), CONFIG, PROMPT)
+    held, _ = load_rows([ROOT / "data/eval/heldout.jsonl"], CONFIG, PROMPT)
+    found = near_duplicates(train, held, 0.3)
+
+    expected = []
+    for j, asked in enumerate(held.instruction):
+        for i, text in enumerate(train.instruction):
+            a, b = _grams(text), _grams(asked)
+            if len(a & b) / len(a | b) >= 0.3:
+                expected.append((f"{train.source_file[i]}:{train.source_line[i]}", f"{held.source_file[j]}:{held.source_line[j]}", round(len(a & b) / len(a | b), 2)))
+    assert len(expected) >= 3  # the example data has pairs that alike at 0.3
+    assert [(n["train"], n["heldout"], n["similarity"]) for n in found] == expected

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from finetune.core.config import DataConfig, LossOn, OverLength, TokenizeConfig
+from finetune.core.config import LossOn, OverLength, TokenizeConfig
 from finetune.stages.prepare import prepare_dataset
 from finetune.stages.tokenize import (
     IGNORE_INDEX,

@@ -142,8 +142,8 @@ class DataConfig(Section):
         "all of them. The data report lists them either way.",
     )
     near_duplicate_similarity: float = Field(
-        0.7, gt=0, le=1, description="Training instructions at least this similar to a held-out one (MinHash "
-        "estimate of the Jaccard similarity of character 4-grams) are listed in the data report as possible "
+        0.7, gt=0, le=1, description="Training instructions at least this similar to a held-out one (Jaccard "
+        "similarity of their character 4-grams, case and spaces aside) are listed in the data report as possible "
         "leaks; lower lists more. Exact matches (case and spaces aside) are rejected whatever this is.",
     )
     exclude: list[str] = Field(

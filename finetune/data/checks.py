@@ -6,52 +6,67 @@ Rows are compared by their context (earlier turns, then the instruction), case a
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import pandas as pd
 
 from finetune.core.config import Conflicts
-
-
-def _normalized(text: pd.Series) -> pd.Series:
-    return text.str.lower().str.split().str.join(" ")
 
 
 def _plain(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _context(frame: pd.DataFrame) -> pd.Series:
-    """What each row's response answers: its instruction after its earlier turns, case and spaces aside."""
-    earlier = frame.history.map(lambda turns: "\x01".join(_plain(turn) for turn in turns)).astype(str)
-    return earlier + "\x00" + _normalized(frame.instruction).astype(str)
+def context_keys(frame: pd.DataFrame) -> pd.Series:
+    """What each row's response answers: its earlier turns, then its instruction, case and spaces aside
+    (turns joined by U+0001, the instruction after U+0000: readers reject control characters in text)."""
+    keys = [
+        "\x01".join(map(_plain, turns)) + "\x00" + _plain(instruction)
+        for turns, instruction in zip(frame.history, frame.instruction)
+    ]
+    return pd.Series(keys, index=frame.index, dtype=object)
 
 
-def duplicate_pairs(frame: pd.DataFrame) -> pd.Series:
+def duplicate_pairs(frame: pd.DataFrame, context: pd.Series | None = None) -> pd.Series:
     """True for each row whose conversation (case and whitespace insensitive) an earlier row already has."""
-    return (_context(frame) + "\x00" + _normalized(frame.response).astype(str)).duplicated()
+    context = context_keys(frame) if context is None else context
+    pairs = [key + "\x00" + _plain(response) for key, response in zip(context, frame.response)]
+    return pd.Series(pairs, index=frame.index, dtype=object).duplicated()
 
 
 def place(frame: pd.DataFrame, i: int) -> str:
     return f"{frame.at[i, 'source_file']}:{frame.at[i, 'source_line']}"
 
 
-def drop_duplicates_and_leaks(train: pd.DataFrame, evaluation: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], int]:
+def drop_duplicates_and_leaks(
+    train: pd.DataFrame, evaluation: pd.DataFrame, context: pd.Series
+) -> tuple[pd.DataFrame, pd.Series, list[dict], int]:
     """Collapse duplicates (case and whitespace insensitive) and reject rows that leak the held-out set:
-    a row with a held-out instruction as any of its user turns."""
-    duplicated = duplicate_pairs(train)
-    held_out = set(_normalized(evaluation.instruction))
-    asked = [[*turns[0::2], instruction] for turns, instruction in zip(train.history, train.instruction)]
-    leaked = pd.Series([any(_plain(turn) in held_out for turn in turns) for turns in asked], index=train.index, dtype=bool)
+    a row with a held-out instruction as any of its user turns. `context` is context_keys(train); the
+    kept rows' keys come back with them."""
+    duplicated = duplicate_pairs(train, context)
+    held_out = set(map(_plain, evaluation.instruction))
+
+    def leaks(turns: list[str], key: str) -> bool:
+        return key.partition("\x00")[2] in held_out or any(_plain(turn) in held_out for turn in turns[0::2])
+
+    leaked = pd.Series(list(map(leaks, train.history, context)), index=train.index, dtype=bool)
     rejected = [
         {"source_file": r.source_file, "source_line": int(r.source_line), "reason": "instruction is in the held-out set"}
         for r in train[leaked & ~duplicated].itertuples()
     ]
-    return train[~duplicated & ~leaked].reset_index(drop=True), rejected, int(duplicated.sum())
+    kept = ~duplicated & ~leaked
+    return train[kept].reset_index(drop=True), context[kept].reset_index(drop=True), rejected, int(duplicated.sum())
 
 
-def resolve_conflicts(train: pd.DataFrame, policy: Conflicts) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
-    """Rows with one context and different responses (duplicates already collapsed), by data.conflicts:
-    (rows kept, rejects, the conflicts as listed in the report, rows left out by keep_first)."""
-    groups = [list(rows) for rows in train.groupby(_context(train), sort=False).indices.values() if len(rows) > 1]
+def resolve_conflicts(
+    train: pd.DataFrame, context: pd.Series, policy: Conflicts
+) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
+    """Rows with one context (context_keys) and different responses (duplicates already collapsed), by
+    data.conflicts: (rows kept, rejects, the conflicts as listed in the report, rows left out by keep_first)."""
+    repeated = context[context.duplicated(keep=False)]  # at a million rows, most rows are in no conflict
+    groups = sorted(list(rows) for rows in repeated.groupby(repeated, sort=False).indices.values())
+    groups = [[int(repeated.index[i]) for i in g] for g in groups]
     listed = [{"instruction": train.at[g[0], "instruction"][:200], "places": [place(train, i) for i in g]} for g in groups]
     if policy == Conflicts.keep_all or not groups:
         return train, [], listed, 0
@@ -69,28 +84,35 @@ def resolve_conflicts(train: pd.DataFrame, policy: Conflicts) -> tuple[pd.DataFr
     return kept, rejected, listed, 0 if policy == Conflicts.reject else len(left_out)
 
 
+def _grams(text: str) -> set[str]:
+    plain = _plain(text)
+    return {plain[i : i + 4] for i in range(max(len(plain) - 3, 1))}
+
+
 def near_duplicates(train: pd.DataFrame, evaluation: pd.DataFrame, similarity: float) -> list[dict]:
-    """Training rows whose instruction is at least `similarity` like a held-out one: datasketch's MinHash
-    LSH over character 4-grams finds the candidates, their MinHash estimate is reported."""
-    from datasketch import MinHash, MinHashLSH
+    """Training rows whose instruction is at least `similarity` like a held-out one: the exact Jaccard
+    similarity of their sets of character 4-grams (case and spaces aside).
 
-    def sketch(text: str) -> MinHash:
-        plain = _plain(text)
-        grams = {plain[i : i + 4] for i in range(max(len(plain) - 3, 1))}
-        minhash = MinHash(num_perm=128, seed=1)
-        minhash.update_batch([gram.encode("utf-8") for gram in grams])
-        return minhash
-
-    index = MinHashLSH(threshold=similarity, num_perm=128)
-    sketches = {}
-    for i, text in enumerate(train.instruction):
-        sketches[i] = sketch(text)
-        index.insert(i, sketches[i])
+    The held-out grams are indexed; a training row is compared only with the held-out rows it shares grams
+    with, and only when it shares enough of its own grams with the held-out set to reach `similarity` at
+    all (Jaccard >= s needs at least s * |grams| shared), so a million rows cost one set per row."""
+    held_out = [_grams(text) for text in evaluation.instruction]
+    postings: dict[str, list[int]] = defaultdict(list)
+    for j, grams in enumerate(held_out):
+        for gram in grams:
+            postings[gram].append(j)
+    vocabulary = postings.keys()
     found = []
-    for j, text in enumerate(evaluation.instruction):
-        held_out = sketch(text)
-        for i in sorted(index.query(held_out)):
-            score = held_out.jaccard(sketches[i])
+    for i, text in enumerate(train.instruction):
+        grams = _grams(text)
+        shared_any = grams & vocabulary
+        if len(shared_any) < similarity * len(grams):
+            continue
+        for j, shared in Counter(j for gram in shared_any for j in postings[gram]).items():
+            score = shared / (len(grams) + len(held_out[j]) - shared)
             if score >= similarity:
-                found.append({"train": place(train, i), "heldout": place(evaluation, j), "similarity": round(score, 2)})
-    return found
+                found.append((j, i, score))
+    return [
+        {"train": place(train, i), "heldout": place(evaluation, j), "similarity": round(score, 2)}
+        for j, i, score in sorted(found)
+    ]

@@ -30,7 +30,9 @@ import gzip
 import io
 import json
 import lzma
+import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ READABLE = ", ".join(SUFFIXES) + " (also compressed: " + ", ".join(f"*{s}" for s
 # The seed's text format; a template with the same shape (a marker line before and after the
 # instruction) reads .txt files with its own markers instead (template.PromptFormat.line_markers).
 SEED_MARKERS = ("### HUMAN:", "### RESPONSE:")
+# Rows handed on at a time by read_chunks: a large file is validated and kept as columns chunk by chunk.
+CHUNK_ROWS = 50_000
 
 
 class DataError(PermanentError, ValueError):
@@ -91,16 +95,21 @@ def _layout_for(path: Path, keys: set[str]) -> Layout:
 def visible_text(text: str) -> str:
     """What a reader sees of `text`: NFC-normalized, without format characters (Unicode category Cf:
     zero-width spaces and joiners, word joiners, soft hyphens, direction marks, byte-order marks), trimmed."""
+    if text.isascii():  # NFC leaves ASCII as it is and no format character is ASCII
+        return text.strip()
     return "".join(c for c in unicodedata.normalize("NFC", text) if unicodedata.category(c) != "Cf").strip()
+
+
+# Unicode categories Cc (controls) but tab, newline and carriage return, and Cs (lone surrogates).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _text_problem(name: str, value: Any) -> str | None:
     if not isinstance(value, str):
         kind = "nothing" if value is None else type(value).__name__
         return f"{name} must be text, got {kind}"
-    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t\r"), None)
-    if bad is not None:
-        return f"{name} contains the control character U+{ord(bad):04X}"
+    if bad := _CONTROL.search(value):
+        return f"{name} contains the control character U+{ord(bad.group()):04X}"
     return None
 
 
@@ -159,8 +168,9 @@ def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | N
     return {"instruction": instruction, "response": response, "history": history, "topic": topic}, None
 
 
-def _add_records(path: Path, numbered: list[tuple[int, Any]], result: ReadResult) -> None:
-    """Records (line, parsed value) of one file: the first object decides the layout."""
+def _add_records(path: Path, numbered: Iterable[tuple[int, Any]], result: ReadResult) -> Iterator[None]:
+    """Records (line, parsed value) of one file: the first object decides the layout. Yields after each
+    record, so that the caller can hand the rows on in chunks."""
     layout = None
     for line, record in numbered:
         if not isinstance(record, dict):
@@ -173,38 +183,42 @@ def _add_records(path: Path, numbered: list[tuple[int, Any]], result: ReadResult
             result.reject(path, line, reason)
         else:
             result.rows.append({**row, "source_file": str(path), "source_line": line})
+        yield
 
 
-def _decode_lines(path: Path, data: bytes, result: ReadResult) -> list[tuple[int, str]]:
-    """UTF-8 lines without BOM or CR; a line that is not UTF-8 is rejected on its own."""
+def _decode_lines(path: Path, data: bytes, result: ReadResult) -> Iterator[tuple[int, str]]:
+    """UTF-8 lines without BOM or CR, one at a time; a line that is not UTF-8 is rejected on its own."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    lines = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    number = 0
+    for number, raw in enumerate(io.BytesIO(data), start=1):  # the bytes are shared, not copied
+        line = raw[:-1] if raw.endswith(b"\n") else raw
         try:
-            text = raw.decode("utf-8").rstrip("\r")
+            text = line.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError as error:
-            result.reject(path, number, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
+            result.reject(path, number, f"not valid UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})")
             continue
-        lines.append((number, text))
-    return lines
+        yield number, text
+    if not data or data.endswith(b"\n"):
+        yield number + 1, ""  # the empty line after the last newline
 
 
-def _read_jsonl(path: Path, data: bytes, result: ReadResult) -> None:
-    numbered = []
-    for number, text in _decode_lines(path, data, result):
-        if not text.strip():
-            continue
-        try:
-            numbered.append((number, json.loads(text)))
-        except json.JSONDecodeError as error:
-            result.reject(path, number, f"malformed JSON: {error.msg} at column {error.colno}")
-        except RecursionError:
-            result.reject(path, number, "malformed JSON: nested too deeply")
-    _add_records(path, numbered, result)
+def _read_jsonl(path: Path, data: bytes, result: ReadResult) -> Iterator[None]:
+    def parsed() -> Iterator[tuple[int, Any]]:
+        for number, text in _decode_lines(path, data, result):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                result.reject(path, number, f"malformed JSON: {error.msg} at column {error.colno}")
+            except RecursionError:
+                result.reject(path, number, "malformed JSON: nested too deeply")
+
+    yield from _add_records(path, parsed(), result)
 
 
-def _read_json(path: Path, data: bytes, result: ReadResult) -> None:
+def _read_json(path: Path, data: bytes, result: ReadResult) -> Iterator[None]:
     try:
         parsed = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
@@ -214,10 +228,10 @@ def _read_json(path: Path, data: bytes, result: ReadResult) -> None:
         raise DataError(f"{path}:{where}: not valid JSON; a .json file must hold one array of records") from None
     if not isinstance(parsed, list):
         raise DataError(f"{path}: a .json file must hold an array of records, found {type(parsed).__name__}")
-    _add_records(path, list(enumerate(parsed, start=1)), result)
+    yield from _add_records(path, enumerate(parsed, start=1), result)
 
 
-def _read_csv(path: Path, data: bytes, result: ReadResult) -> None:
+def _read_csv(path: Path, data: bytes, result: ReadResult) -> Iterator[None]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -245,27 +259,36 @@ def _read_csv(path: Path, data: bytes, result: ReadResult) -> None:
                 result.reject(path, line, reason)
             else:
                 result.rows.append({**row, "source_file": str(path), "source_line": line})
+            yield
     except csv.Error as error:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
 
 
-def _read_parquet(path: Path, result: ReadResult, data: bytes) -> None:
-    import pandas as pd
+def _read_parquet(path: Path, data: bytes, result: ReadResult) -> Iterator[None]:
+    """Record batches of CHUNK_ROWS rows, so that a large file is never held as Python objects at once."""
+    import pyarrow.parquet as pq
 
-    try:
-        frame = pd.read_parquet(io.BytesIO(data))
-    except Exception as error:  # pyarrow raises several types for a file that is not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
-    _layout_for(path, set(frame.columns))
-    records = [{k: (None if _is_missing(v) else v) for k, v in record.items()} for record in frame.to_dict("records")]
-    _add_records(path, list(enumerate(records, start=1)), result)
+    def records() -> Iterator[tuple[int, dict[str, Any]]]:
+        number = 0
+        try:
+            parquet = pq.ParquetFile(io.BytesIO(data))
+            _layout_for(path, set(parquet.schema_arrow.names))
+            for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+                for number, record in enumerate(batch.to_pylist(), start=number + 1):
+                    yield number, {k: (None if _is_missing(v) else v) for k, v in record.items()}
+        except DataError:
+            raise
+        except Exception as error:  # pyarrow raises several types for a file that is not Parquet
+            raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
+
+    yield from _add_records(path, records(), result)
 
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)  # NaN: an empty Parquet cell
 
 
-def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[str, str]) -> None:
+def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[str, str]) -> Iterator[None]:
     """Blocks of `### HUMAN:` then `### RESPONSE:` (or the template's own markers), as the seed's
     dataset was written."""
     human, answer = markers
@@ -291,6 +314,7 @@ def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[
             result.reject(path, number, reason)
         else:
             result.rows.append({**row, "source_file": str(path), "source_line": number})
+        yield
 
 
 def format_of(path: Path) -> str | None:
@@ -311,26 +335,36 @@ def _file_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: not a readable {name} file ({type(error).__name__}: {error})") from None
 
 
-def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:
-    """Rows and rejects of one data file; a DataError if the file as a whole cannot be used.
-    `markers` open the instruction and the response of a block in a .txt file."""
+def read_chunks(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> Iterator[ReadResult]:
+    """Rows and rejects of one data file, in chunks of at most CHUNK_ROWS rows (rejects go with the chunk
+    being read); a DataError if the file as a whole cannot be used. `markers` open the instruction and
+    the response of a block in a .txt file."""
     path = Path(path)
     suffix = format_of(path)
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; use one of {READABLE}")
-    result = ReadResult()
     data = _file_bytes(path)
-    if suffix == ".parquet":
-        _read_parquet(path, result, data)
-        return result
-    if not data.strip(b" \t\r\n\xef\xbb\xbf"):
+    if suffix != ".parquet" and not data.strip(b" \t\r\n\xef\xbb\xbf"):
         raise DataError(f"{path}: the file is empty; add pairs or remove it")
+    result = ReadResult()
     if suffix == ".txt":
-        _read_seed_text(path, data, result, markers)
-        return result
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    readers[suffix](path, data, result)
-    return result
+        records = _read_seed_text(path, data, result, markers)
+    else:
+        records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path, data, result)
+    for _ in records:
+        if len(result.rows) >= CHUNK_ROWS:  # hand the chunk on; the reader goes on filling `result`
+            yield ReadResult(result.rows, result.rejects)
+            result.rows, result.rejects = [], []
+    yield result
+
+
+def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:
+    """All rows and rejects of one data file (read_chunks, joined)."""
+    whole = ReadResult()
+    for chunk in read_chunks(path, markers):
+        whole.rows += chunk.rows
+        whole.rejects += chunk.rejects
+    return whole
 
 
 def data_files(directory: Path, exclude: tuple[str, ...] = (".*",)) -> list[Path]:

@@ -3,6 +3,7 @@ leaks, as report.json and report.md (the `data-report` artifact)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,7 @@ import pandas as pd
 def length_stats(frame: pd.DataFrame) -> dict:
     stats = {}
     for column in ("instruction", "response"):
-        words = frame[column].str.split().str.len()
+        words = pd.Series([len(text.split()) for text in frame[column]], dtype="int64")
         stats[column] = {"words_mean": round(float(words.mean()), 1), "words_max": int(words.max())} if len(frame) else {}
     return stats
 
@@ -49,6 +50,7 @@ def report_markdown(report: dict) -> str:
 
 
 def data_report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, rejected: list[dict], duplicates: int) -> dict:
+    kept, refused = train.source_file.value_counts(), Counter(r["source_file"] for r in rejected)
     return {
         "train_rows": len(train),
         "eval_rows": len(evaluation),
@@ -56,7 +58,7 @@ def data_report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame
         "duplicates_collapsed": duplicates,
         "train_files": [str(f) for f in files],
         "files": [
-            {"file": str(f), "rows": int((train.source_file == str(f)).sum()), "rejected": sum(r["source_file"] == str(f) for r in rejected)}
+            {"file": str(f), "rows": int(kept.get(str(f), 0)), "rejected": refused[str(f)]}
             for f in files
         ],
         "topics_train": train.topic.fillna("(none)").value_counts().sort_index().to_dict(),

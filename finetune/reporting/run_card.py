@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.outputs import digest_cache_dir, write_bytes_atomic, write_text_atomic
-from finetune.core.record import read_json
 from finetune.core.stage import code_digest, library_version
 from finetune.reporting.stats import LABELS, format_difference
 

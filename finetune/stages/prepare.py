@@ -16,13 +16,14 @@ import pandas as pd
 from finetune.core.config import DataConfig
 from finetune.core.stage import Hooks, Stage
 from finetune.data.checks import (
+    context_keys,
     drop_duplicates_and_leaks,
     duplicate_pairs,
     near_duplicates,
     place,
     resolve_conflicts,
 )
-from finetune.data.readers import SEED_MARKERS, DataError, data_files, read_pairs
+from finetune.data.readers import SEED_MARKERS, DataError, data_files, read_chunks
 from finetune.data.schemas import check_prepared, validate_rows
 from finetune.data.template import PromptFormat
 from finetune.reporting.data_report import data_report, report_markdown
@@ -38,21 +39,29 @@ class PrepareInputs:
     template: str  # tokenize.template: rows that contain its markers are rejected
 
 
+COLUMNS = ["instruction", "response", "history", "topic", "source_file", "source_line"]
+
+
 def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
-    rows, rejected = [], []
+    """The valid rows of `files`, trimmed, and the rejects; read, validated and made columns chunk by chunk
+    (readers.CHUNK_ROWS), so that only one chunk is ever held as Python dicts."""
+    frames, rejected = [], []
     for path in files:
-        result = read_pairs(path, prompt.line_markers or SEED_MARKERS)
-        rows += result.rows
-        rejected += result.rejects
-    columns = ["instruction", "response", "history", "topic", "source_file", "source_line"]
-    frame = pd.DataFrame(rows, columns=columns).astype({"source_line": "int64"})
-    frame, invalid = validate_rows(frame, cfg, prompt)
-    frame = frame.assign(
-        instruction=frame.instruction.str.strip(),
-        response=frame.response.str.strip(),
-        history=frame.history.map(lambda turns: [turn.strip() for turn in turns]),
-    )
-    return frame.reset_index(drop=True), rejected + invalid
+        for chunk in read_chunks(path, prompt.line_markers or SEED_MARKERS):
+            frame = pd.DataFrame(chunk.rows, columns=COLUMNS).astype({"source_line": "int64"})
+            chunk.rows.clear()
+            frame, invalid = validate_rows(frame, cfg, prompt)
+            frames.append(
+                frame.assign(
+                    instruction=frame.instruction.str.strip(),
+                    response=frame.response.str.strip(),
+                    history=frame.history.map(lambda turns: [turn.strip() for turn in turns]),
+                )
+            )
+            rejected += chunk.rejects + invalid
+    frames = [frame for frame in frames if len(frame)] or frames[:1] or [pd.DataFrame(columns=COLUMNS)]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return frame.astype({"source_line": "int64"}).reset_index(drop=True), rejected
 
 
 def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dict], duplicates: int) -> None:
@@ -99,8 +108,9 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     files = data_files(inputs.raw_dir, tuple(inputs.data.exclude))
     evaluation, eval_duplicates = _load_heldout(inputs, prompt)
     train, rejected = load_rows(files, inputs.data, prompt)
-    train, leaks, duplicates = drop_duplicates_and_leaks(train, evaluation)
-    train, conflicting, conflicts, left_out = resolve_conflicts(train, inputs.data.conflicts)
+    train, context, leaks, duplicates = drop_duplicates_and_leaks(train, evaluation, context_keys(train))
+    train, conflicting, conflicts, left_out = resolve_conflicts(train, context, inputs.data.conflicts)
+    del context
     rejected = sorted(rejected + leaks + conflicting, key=lambda r: (r["source_file"], r["source_line"]))
     _check_enough(inputs, train, rejected, duplicates + left_out)
     check_prepared(train)
