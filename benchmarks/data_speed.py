@@ -77,7 +77,7 @@ def main() -> None:
     if args.out.is_file():  # keep the figures of stages not run now
         result = {**json.loads(args.out.read_text()), **result}
     for stage in stages:
-        result[stage] = run_stage(stage, args.raw, work)
+        result[stage] = {**run_stage(stage, args.raw, work), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(json.dumps({stage: result[stage]}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
