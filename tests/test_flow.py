@@ -212,3 +212,48 @@ def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached
     record = json.loads((failure.value.run_dir / "run.json").read_text())
     assert record["status"] == "failed" and record["stages"]["prepare"]["state"] == "failed"
     assert not set(_task_states(record["flow_run_id"])) & set(STAGES)  # no stage task ran, cached or not
+
+
+def _task_spans(flow_run_id: str) -> dict[str, tuple]:
+    """Prefect's own record: task name -> (start, end) of each task run of the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: (run.start_time, run.end_time) for run in runs}
+
+
+def test_merge_beside_evaluate_runs_both_at_once_and_keeps_the_merge_when_evaluate_fails(tiny_flow_run, third):
+    """merge.beside_evaluate=true (auto does so on a large GPU only): the two stages overlap in Prefect's own
+    record, each is recorded with what ran beside it; when evaluate fails, the merge that ran beside it is
+    still finished and recorded, and the run is failed at evaluate."""
+    from flows.finetune_flow import StageFailed, finetune
+
+    overrides = [*tiny_flow_run[1], "merge.beside_evaluate=true"]
+    record = finetune(TINY, [*overrides, "eval.max_new_tokens=7", "merge.parity_max_new_tokens=7"])
+
+    assert record["status"] == "completed"
+    assert {name: record["stages"][name]["state"] for name in ("train", "evaluate", "merge")} == {
+        "train": "cached", "evaluate": "completed", "merge": "completed"}  # fmt: skip
+    assert (record["stages"]["evaluate"]["beside"], record["stages"]["merge"]["beside"]) == ("merge", "evaluate")
+    spans = _task_spans(record["flow_run_id"])
+    assert spans["merge"][0] < spans["evaluate"][1] and spans["evaluate"][0] < spans["merge"][1], spans
+    assert "| merge (beside evaluate) | completed |" in Path(record["run_dir"], "run_card.md").read_text()
+
+    outputs = tiny_flow_run[2] / "outputs"
+    (outputs / "evaluate").rename(outputs / "evaluate-moved")
+    (outputs / "evaluate").write_text("a file where evaluate's folder of outputs belongs")
+    try:
+        with pytest.raises(StageFailed) as failure:
+            finetune(TINY, [*overrides, "eval.max_new_tokens=6", "merge.parity_max_new_tokens=6"])
+    finally:
+        (outputs / "evaluate").unlink()
+        (outputs / "evaluate-moved").rename(outputs / "evaluate")
+
+    failed = json.loads((failure.value.run_dir / "run.json").read_text())
+    assert failure.value.stage == "evaluate" and failed["status"] == "failed"
+    assert failed["error"].startswith("evaluate: ")
+    assert {name: failed["stages"][name]["state"] for name in ("evaluate", "merge")} == {"evaluate": "failed", "merge": "completed"}
+    assert "score" not in failed["stages"]
+    assert (Path(failed["stages"]["merge"]["output_dir"]) / "model" / "config.json").is_file()
