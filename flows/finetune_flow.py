@@ -20,7 +20,7 @@ from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import PermanentError
 from finetune.core.measure import PeakMemory
 from finetune.core.preflight import check_hardware
-from finetune.core.record import RunRecord, read_json
+from finetune.core.record import RunRecord
 from finetune.reporting.run_card import write_run_reports
 from finetune.stages.evaluate import EvaluateInputs, ScoreInputs
 from finetune.stages.export import ExportInputs
@@ -116,44 +116,6 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
     return output_dir
 
 
-def _run_beside(record: RunRecord, runs: list[tuple[StageTask, Any]], root: Path) -> list[Path]:
-    """Stages that need nothing from each other, run at the same time on the flow's task runner (threads).
-    Each is recorded with its own seconds and the peaks of all of them together; a failure of any ends the
-    run once all have ended, so that what the others finished is kept (and cached for the rerun)."""
-    from prefect.futures import as_completed
-
-    started = time.monotonic()
-    memory = PeakMemory()
-    names = [stage_task.stage.name for stage_task, _ in runs]
-    futures = {}
-    for name, (stage_task, inputs) in zip(names, runs):
-        try:
-            futures[stage_task.submit(inputs, root)] = name
-        except Exception as error:  # its key could not be computed: wait for those already started
-            for future in futures:
-                future.wait()
-            record.stage_done(name, "failed", time.monotonic() - started, None, memory.read())
-            raise _fail(record, name, error) from error
-    ended = {futures[future]: (future, time.monotonic() - started) for future in as_completed(list(futures))}
-    peaks = memory.read()
-    outputs, failure = [], None
-    for name in names:
-        future, seconds = ended[name]
-        beside = ", ".join(other for other in names if other != name)
-        try:
-            output_dir = future.result()
-        except Exception as error:
-            record.stage_done(name, "failed", seconds, None, peaks, beside=beside)
-            failure = failure or (name, error)
-            continue
-        state = "cached" if future.state.name == "Cached" else "completed"
-        record.stage_done(name, state, seconds, output_dir, peaks, beside=beside)
-        outputs.append(output_dir)
-    if failure is not None:
-        raise _fail(record, *failure) from failure[1]
-    return outputs
-
-
 def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merged_dir: Path) -> None:
     """Score the candidate and the champion on the same held-out set, then let the gate decide."""
     paths = config.paths
@@ -196,21 +158,13 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     train_dir = _run_stage(record, train_task, TrainInputs(
         tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train,
     ), paths.output_dir)  # fmt: skip
-    evaluate_inputs = EvaluateInputs(
+    _run_stage(record, evaluate_task, EvaluateInputs(
         train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,
-    )  # fmt: skip
-    merge_inputs = MergeInputs(
+    ), paths.output_dir)  # fmt: skip
+    merged_dir = _run_stage(record, merge_task, MergeInputs(
         train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenize=config.tokenize, merge=config.merge,
-    )  # fmt: skip
-    from finetune.training.modeling import merge_beside_evaluate  # torch: imported once a stage needs it
-
-    base_bytes = read_json(train_dir / "summary.json").get("base_memory_bytes_16bit")
-    if merge_beside_evaluate(config.merge.beside_evaluate, base_bytes):
-        _, merged_dir = _run_beside(record, [(evaluate_task, evaluate_inputs), (merge_task, merge_inputs)], paths.output_dir)
-    else:
-        _run_stage(record, evaluate_task, evaluate_inputs, paths.output_dir)
-        merged_dir = _run_stage(record, merge_task, merge_inputs, paths.output_dir)
+    ), paths.output_dir)  # fmt: skip
     if config.export.gguf:
         _run_stage(record, export_task, ExportInputs(
             merged_dir=merged_dir, prepared_dir=prepared_dir, template=config.tokenize.template, export=config.export,

@@ -18,7 +18,6 @@ from typing import Generic, TypeVar
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
-from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import State
 
@@ -115,11 +114,6 @@ class StageTask(Generic[Inputs]):
         key = self.stage.key(inputs)
         run = self.task if name in (None, self.stage.name) else self.task.with_options(task_run_name=name)
         return run(inputs, Path(root), key, return_state=True)
-
-    def submit(self, inputs: Inputs, root: Path) -> PrefectFuture:
-        """Start the stage's task on the flow's task runner (a thread) and return at once; the key is
-        computed here first, as for a call."""
-        return self.task.submit(inputs, Path(root), self.stage.key(inputs))
 
 
 def stage_task(

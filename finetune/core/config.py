@@ -362,13 +362,6 @@ class MergeConfig(Section):
         32, ge=1, description="Tokens of base+adapter's greedy answer to each held-out prompt on which the merge "
         "check compares the merged model's logits: more catches later drift, costs generation time.",
     )
-    beside_evaluate: bool | Literal["auto"] = Field(
-        "auto", description="Run merge and evaluate at the same time (both need only train): while evaluate "
-        "decodes, merge loads, checks and saves. auto: on a GPU with at least 4 times the base's 16-bit size "
-        "in memory (the merge's peak and evaluation's batches side by side); on a CPU the two would share the "
-        "cores, so one after the other. Changes when they run, never what they build.",
-    )
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"beside_evaluate"})
 
 
 class ExportConfig(Section):

@@ -82,11 +82,9 @@ class RunRecord:
         return record
 
     def stage_done(
-        self, stage: str, state: str, seconds: float, output_dir: Path | None, memory: dict[str, Any] | None = None,
-        beside: str | None = None,
-    ) -> None:  # fmt: skip
-        """`memory`: the stage's peak_rss_bytes and peak_gpu_bytes (finetune.core.measure.PeakMemory), None where
-        not measured; `beside`: the stage that ran at the same time, whose memory the peaks include."""
+        self, stage: str, state: str, seconds: float, output_dir: Path | None, memory: dict[str, Any] | None = None
+    ) -> None:
+        """`memory`: the stage's peak_rss_bytes and peak_gpu_bytes (finetune.core.measure.PeakMemory), None where not measured."""
         manifest = read_manifest(output_dir) if output_dir else None
         self.stages[stage] = {
             "state": state,
@@ -94,7 +92,6 @@ class RunRecord:
             "seconds": round(seconds, 2),
             "output_dir": str(Path(output_dir).resolve()) if output_dir else None,
             **(memory or {"peak_rss_bytes": None, "peak_gpu_bytes": None}),
-            **({"beside": beside} if beside else {}),
         }
         self.save()
 

@@ -132,12 +132,9 @@ def run_card(record: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {name}{f' (beside {beside})' if (beside := s.get('beside')) else ''} | {s['state']} | {s['seconds']} | "
-        f"{_gib(s.get('peak_rss_bytes'))} | {_gib(s.get('peak_gpu_bytes'))} | `{s['key']}` |"
+        f"| {name} | {s['state']} | {s['seconds']} | {_gib(s.get('peak_rss_bytes'))} | {_gib(s.get('peak_gpu_bytes'))} | `{s['key']}` |"
         for name, s in record["stages"].items()
     ]
-    if any(s.get("beside") for s in record["stages"].values()):
-        lines += ["", "Stages beside each other ran at the same time: each one's peaks are those of both together."]
     lines += [
         "",
         "| model | |",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -66,48 +65,16 @@ def load_base(model_dir: Path, quant: QuantConfig):
     return model
 
 
-_ATTENTION_LOCK = threading.Lock()
-_attention: dict = {"users": 0, "context": None}  # the kernel choice held while any thread evaluates
-
-
-@contextlib.contextmanager
 def inference_attention():
     """The attention kernels of evaluation's forward passes. On CUDA, flash or memory-efficient attention and
     not cuDNN's, which builds a plan for every new shape: each decoding step has a new key length, and the
     first 96-token decode of 25 prompts on an H200 (7B shape) took 15.2 s against 6.7 s for the same decode
-    again. A no-op on CPUs. Torch's choice of kernels is process-wide, so with evaluate and merge side by
-    side (merge.beside_evaluate) it is made when the first thread enters and undone when the last leaves."""
+    again. A context manager; a no-op on CPUs."""
     if not torch.cuda.is_available():
-        yield
-        return
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with _ATTENTION_LOCK:
-        if _attention["users"] == 0:
-            _attention["context"] = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-            _attention["context"].__enter__()
-        _attention["users"] += 1
-    try:
-        yield
-    finally:
-        with _ATTENTION_LOCK:
-            _attention["users"] -= 1
-            if _attention["users"] == 0:
-                _attention["context"].__exit__(None, None, None)
-                _attention["context"] = None
-
-
-BESIDE_MEMORY_FACTOR = 4  # merge peaked at 2.5x the base's 16-bit size (7B, H200); evaluation's 4-bit base and batches beside it
-
-
-def merge_beside_evaluate(setting: bool | str, base_bytes_16bit: int | None) -> bool:
-    """`merge.beside_evaluate` resolved: auto runs the two together on a GPU with at least
-    BESIDE_MEMORY_FACTOR times the base's 16-bit size in memory, never on a CPU (they would share its cores)."""
-    if setting != "auto":
-        return bool(setting)
-    if not torch.cuda.is_available() or not base_bytes_16bit:
-        return False
-    return torch.cuda.get_device_properties(0).total_memory >= BESIDE_MEMORY_FACTOR * base_bytes_16bit
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 CPU_EVAL_BATCH = 32  # 32 against 8 halved evaluate on a 2-core CPU
