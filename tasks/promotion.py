@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from finetune.core.champion import gate
+from finetune.core.champion import compare, gate
 from finetune.core.config import PromoteConfig
 from finetune.reporting.run_card import promotion_markdown
 
@@ -22,6 +23,11 @@ def _metrics(score_dir: Path | None) -> dict | None:
     return {"loss": metrics["loss"], "format_adherence": metrics["format_adherence"]}
 
 
+def _examples(score_dir: Path) -> pd.DataFrame:
+    """score's per-prompt figures, in the held-out set's order."""
+    return pd.read_json(Path(score_dir) / "samples.jsonl", lines=True)[["loss", "tokens", "format_adherence"]]
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(
     models_dir: Path, candidate_dir: Path, candidate_score_dir: Path, champion_dir: Path | None,
@@ -29,7 +35,8 @@ def promote_task(
 ) -> dict:  # fmt: skip
     """`champion_score_dir` holds the score of `champion_dir`, the champion when the run looked (or None)."""
     candidate, champion = _metrics(candidate_score_dir), _metrics(champion_score_dir)
-    decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name)
+    compared = compare(_examples(candidate_score_dir), _examples(champion_score_dir)) if champion_score_dir else None
+    decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name, compared)
     get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
     create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")
     return decision

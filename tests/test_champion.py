@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from finetune.core.champion import (
@@ -16,6 +18,7 @@ from finetune.core.champion import (
     NO_CHANGE,
     PROMOTED,
     champion_model_dir,
+    compare,
     decide,
     gate,
     read_record,
@@ -23,7 +26,7 @@ from finetune.core.champion import (
 from finetune.core.config import PromoteConfig
 from tests.conftest import ROOT
 
-CFG = PromoteConfig(min_loss_gain=0.05)
+CFG = PromoteConfig(rule="point", min_loss_gain=0.05)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +42,44 @@ CFG = PromoteConfig(min_loss_gain=0.05)
 )
 def test_decide(candidate, champion, expected):
     assert decide(candidate, champion, CFG)[0] == expected
+
+
+def _scored(losses, tokens, adherent) -> pd.DataFrame:
+    """score's per-prompt figures: mean loss per response token, the response's tokens, format adherence."""
+    return pd.DataFrame({"loss": losses, "tokens": tokens, "format_adherence": adherent})
+
+
+def test_the_interval_rule_promotes_a_clear_gain_and_keeps_one_inside_the_noise():
+    """25 prompts. A candidate 0.02 nats better on average but with per-prompt swings of +-1 nat: the point
+    rule promotes it, the interval rule keeps the champion (the gain's interval spans 0). A candidate 0.05
+    better on every prompt is promoted by both; one that also breaks the format on 6 of 25 prompts is kept."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(20, 60, size=25)
+    champion_loss = rng.uniform(2.0, 3.0, size=25)
+    swings = np.tile([1.0, -1.0], 13)[:25]
+    noisy = champion_loss - 0.02 + swings - np.average(swings, weights=tokens)  # mean gain 0.02 per token, exactly
+    champion = _scored(champion_loss, tokens, np.ones(25))
+    interval = PromoteConfig()  # rule interval, margin 0
+
+    def whole(frame):
+        return {"loss": float((frame.loss * frame.tokens).sum() / frame.tokens.sum()), "format_adherence": float(frame.format_adherence.mean())}
+
+    candidate = _scored(noisy, tokens, np.ones(25))
+    compared = compare(candidate, champion)
+    assert compared["loss_gain"]["delta"] == pytest.approx(0.02) and compared["loss_gain"]["low"] < 0 < compared["loss_gain"]["high"]
+    assert decide(whole(candidate), whole(champion), PromoteConfig(rule="point"))[0] == PROMOTED
+    verdict, reason = decide(whole(candidate), whole(champion), interval, compared)
+    assert verdict == KEPT and "not clearly above promote.min_loss_gain=0.0" in reason
+
+    clear = _scored(champion_loss - 0.05, tokens, np.ones(25))
+    compared = compare(clear, champion)
+    assert compared["loss_gain"]["low"] > 0.04
+    assert decide(whole(clear), whole(champion), interval, compared)[0] == PROMOTED
+    assert decide(whole(clear), whole(champion), PromoteConfig(min_loss_gain=0.06), compared)[0] == KEPT  # the margin
+
+    broken = _scored(champion_loss - 0.05, tokens, np.r_[np.zeros(6), np.ones(19)])
+    verdict, reason = decide(whole(broken), whole(champion), interval, compare(broken, champion))
+    assert verdict == KEPT and reason.startswith("format adherence -0.240 [95% ") and reason.endswith("clearly lower")
 
 
 def _model(tmp_path, name):

@@ -69,3 +69,21 @@ def test_an_untrained_adapter_evaluates_identical_to_the_base(tiny_model_dir, wo
     assert len(samples) == 25 and all(0 <= s["tuned_rouge_l"] <= 1 and s["base_answer"] == s["tuned_answer"] for s in samples)
     report = (out / "report.md").read_text()
     assert "| loss per response token |" in report and "+0.000 [+0.000, +0.000] |" in report and "## By topic" in report
+
+
+def test_a_paired_proportion_interval_has_width_where_every_prompt_moves_the_same_way():
+    """25 of 25 prompts from 0 to 1: the bootstrap's interval is [1, 1]; Newcombe's is not. With no discordant
+    pair the Wilson bounds of 25/25 and 0/25 are n / (n + z^2) and z^2 / (n + z^2), and the interval's lower
+    end is 1 - sqrt(2) * (1 - n / (n + z^2))."""
+    from finetune.reporting.stats import paired_proportion_difference
+
+    z2 = 1.959963984540054**2
+    before, after = np.zeros(25), np.ones(25)
+    assert (paired_difference(before, after).low, paired_difference(before, after).high) == (1.0, 1.0)
+    found = paired_proportion_difference(before, after)
+    assert found.high == 1.0 and found.low == pytest.approx(1 - np.sqrt(2) * (1 - 25 / (25 + z2)), abs=1e-9)
+    assert round(found.low, 3) == 0.812 and found.excludes_zero
+    same = paired_proportion_difference(after, after)  # no change: symmetric about 0, never excluding it
+    assert same.delta == 0 and same.low == -same.high < 0 and not same.excludes_zero
+    one_way = paired_proportion_difference(np.ones(25), np.r_[np.zeros(6), np.ones(19)])
+    assert one_way.delta == pytest.approx(-0.24) and one_way.high < 0 < one_way.high - one_way.low

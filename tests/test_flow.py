@@ -173,8 +173,10 @@ def test_a_lora_change_reruns_train_onwards_and_the_gate_applies_its_rule(first,
 
     candidate, champion, gate = scored("score"), scored("score_champion"), third["promotion"]
     assert (gate["candidate"]["loss"], gate["champion"]["loss"]) == (candidate["loss"], champion["loss"])
-    beats = champion["loss"] - candidate["loss"] >= 0.01 and candidate["format_adherence"] >= champion["format_adherence"]
-    assert gate["decision"] == ("promoted" if beats else "kept")  # promote.min_loss_gain: 0.01
+    compared = gate["compared"]  # promote.rule: interval, min_loss_gain: 0
+    assert compared["loss_gain"]["delta"] == pytest.approx(champion["loss"] - candidate["loss"], abs=1e-4)
+    beats = compared["loss_gain"]["low"] > 0 and compared["format_adherence"]["high"] >= 0
+    assert gate["decision"] == ("promoted" if beats else "kept")
     history = json.loads((workspace / "models" / "champion.json").read_text())["history"]
     assert len(history) == (2 if beats else 1)
     expected = third if beats else first

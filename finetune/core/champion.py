@@ -7,9 +7,11 @@ In `paths.models_dir`:
   is switched atomically (a new link renamed over the old) right after the record; if a crash falls
   between the two, the next gate puts the link back in line with the record before anything else.
 
-A candidate is promoted when there is no champion yet, or when on the same held-out set its loss is
-lower by at least `promote.min_loss_gain` and its format adherence is not lower. A candidate that is
-the champion already (nothing changed since) is "no change".
+A candidate is promoted when there is no champion yet, or when it beats the champion on the same
+held-out prompts by `promote.rule`: `interval` (default) compares the two per prompt and promotes when
+the paired 95% interval of the loss gain lies above `promote.min_loss_gain` and format adherence is not
+clearly lower; `point` compares the whole-set figures. A candidate that is the champion already (nothing
+changed since) is "no change".
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
 from finetune.core.config import PromoteConfig
+from finetune.core.errors import InternalError
 from finetune.core.outputs import write_text_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RECORD = "champion.json"
 LINK = "champion"
@@ -56,10 +62,37 @@ def champion_model_dir(models_dir: Path) -> Path | None:
     return target
 
 
-def decide(candidate: dict, champion: dict | None, cfg: PromoteConfig) -> tuple[str, str]:
-    """(decision, reason) from held-out metrics {"loss", "format_adherence"} of both models."""
+def compare(candidate: pd.DataFrame, champion: pd.DataFrame) -> dict[str, dict]:
+    """The two models per held-out prompt (score's samples: mean loss per response token, the response's
+    tokens, format adherence), in the same order: the loss gain, champion - candidate per response token, with its
+    paired bootstrap interval, and candidate - champion format adherence with Newcombe's interval."""
+    from finetune.reporting.stats import paired_difference, paired_proportion_difference
+
+    if len(candidate) != len(champion):
+        raise InternalError(f"candidate and champion were scored on {len(candidate)} and {len(champion)} prompts; the gate needs the same set")
+    gain = paired_difference(
+        candidate.loss.to_numpy(), champion.loss.to_numpy(), weights=candidate.tokens.to_numpy(),
+        tuned_weights=champion.tokens.to_numpy(),
+    )  # fmt: skip
+    adherence = paired_proportion_difference(champion.format_adherence.to_numpy(), candidate.format_adherence.to_numpy())
+    return {"loss_gain": gain.as_dict(), "format_adherence": adherence.as_dict()}
+
+
+def decide(candidate: dict, champion: dict | None, cfg: PromoteConfig, compared: dict | None = None) -> tuple[str, str]:
+    """(decision, reason) from held-out metrics {"loss", "format_adherence"} of both models and, for the
+    interval rule, their per-prompt comparison (`compare`)."""
     if champion is None:
         return PROMOTED, "no champion yet"
+    if cfg.rule == "interval":
+        if compared is None:
+            raise InternalError("promote.rule=interval needs the per-prompt comparison of candidate and champion")
+        gain, adherence = compared["loss_gain"], compared["format_adherence"]
+        shown = f"held-out loss gain {gain['delta']:+.4f} [95% {gain['low']:+.4f}, {gain['high']:+.4f}]"
+        if gain["low"] <= cfg.min_loss_gain:
+            return KEPT, f"{shown}: not clearly above promote.min_loss_gain={cfg.min_loss_gain} (promote.rule=interval)"
+        if adherence["high"] < 0:
+            return KEPT, f"format adherence {adherence['delta']:+.3f} [95% {adherence['low']:+.3f}, {adherence['high']:+.3f}]: clearly lower"
+        return PROMOTED, f"{shown}, clearly above {cfg.min_loss_gain}; format adherence {adherence['delta']:+.3f} [95% {adherence['low']:+.3f}, {adherence['high']:+.3f}]"
     gain = champion["loss"] - candidate["loss"]
     if gain < cfg.min_loss_gain:
         return KEPT, f"held-out loss {candidate['loss']} vs champion {champion['loss']}: gain {gain:.4f} < promote.min_loss_gain={cfg.min_loss_gain}"
@@ -74,25 +107,27 @@ def _same(a: Path | None, b: Path | None) -> bool:
 
 def gate(
     models_dir: Path, candidate_dir: Path, candidate: dict, scored_dir: Path | None, champion: dict | None,
-    cfg: PromoteConfig, run_name: str,
+    cfg: PromoteConfig, run_name: str, compared: dict | None = None,
 ) -> dict:  # fmt: skip
     """Decide, promote when the candidate wins, and return the decision with its numbers. `champion` is
-    the score of the model in `scored_dir`, the champion when this run looked. Runs that reach the gate
-    together take turns (a file lock), so no promotion is lost from the history."""
+    the score of the model in `scored_dir`, the champion when this run looked; `compared`, the two per
+    prompt (`compare`). Runs that reach the gate together take turns (a file lock), so no promotion is
+    lost from the history."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(models_dir / ".champion.lock"):
-        return _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name)
+        return _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name, compared)
 
 
 def _decide_and_promote(
     models_dir: Path, candidate_dir: Path, candidate: dict, scored_dir: Path | None, champion: dict | None,
-    cfg: PromoteConfig, run_name: str,
+    cfg: PromoteConfig, run_name: str, compared: dict | None,
 ) -> dict:  # fmt: skip
     current = champion_model_dir(models_dir)
     decision: dict[str, Any] = {
         "candidate_dir": str(candidate_dir), "champion_dir": str(current) if current else None,
-        "candidate": candidate, "champion": champion, "min_loss_gain": cfg.min_loss_gain,
+        "candidate": candidate, "champion": champion, "rule": cfg.rule, "min_loss_gain": cfg.min_loss_gain,
+        "compared": compared,
     }  # fmt: skip
     if current is not None and _same(candidate_dir, current):
         return {**decision, "decision": NO_CHANGE, "reason": "the candidate is the champion: nothing changed"}
@@ -101,7 +136,7 @@ def _decide_and_promote(
     elif not _same(scored_dir, current):  # another run promoted after this one scored the champion
         verdict, reason = KEPT, f"the champion changed to {current} while this run compared with {scored_dir}; run again to compare"
     else:
-        verdict, reason = decide(candidate, champion, cfg)
+        verdict, reason = decide(candidate, champion, cfg, compared)
     decision.update(decision=verdict, reason=reason)
     if verdict == PROMOTED:
         promote(models_dir, {"model_dir": str(Path(candidate_dir).resolve()), "run_name": run_name,

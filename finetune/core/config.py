@@ -382,12 +382,19 @@ class ExportConfig(Section):
 
 
 class PromoteConfig(Section):
+    rule: Literal["interval", "point"] = Field(
+        "interval", description="How a candidate beats the champion on the same held-out prompts. interval: the "
+        "paired 95% interval of its loss gain (champion - candidate, per response token, bootstrap over prompts) "
+        "lies above promote.min_loss_gain, and its format adherence is not clearly lower (Newcombe's interval "
+        "of the paired difference not wholly below 0): a gain inside the noise keeps the champion. point: the "
+        "gain itself reaches min_loss_gain and format adherence is not lower.",
+    )
     min_loss_gain: float = Field(
-        0.01,
+        0.0,
         ge=0,
-        description="A candidate replaces the champion only if its held-out loss is lower by at least this much "
-        "(nats per response token) and its format adherence is not lower: higher keeps the champion through "
-        "noise between retrains, 0 promotes any improvement.",
+        description="The margin (nats per response token) the loss gain must clear: its interval's lower end "
+        "must be above it (rule interval), or the gain must reach it (rule point). 0 with the interval rule: "
+        "promote any improvement the held-out set shows clearly.",
     )
 
 

@@ -118,7 +118,7 @@ class RunRecord:
             "rouge_l_base": base.get("rouge_l"),
             "rouge_l_tuned": tuned.get("rouge_l"),
             "eval_examples": evaluation.get("examples"),
-            "eval_differences": evaluation.get("differences"),  # tuned - base with 95% paired bootstrap intervals
+            "eval_differences": evaluation.get("differences"),  # tuned - base with paired 95% intervals
             "trainable_params": train.get("trainable_params"),
             "total_params": train.get("total_params"),
             "peak_memory_bytes": train.get("peak_memory_bytes"),

@@ -65,6 +65,6 @@ def evaluation_chart(metrics: dict[str, Any]) -> bytes:
             f"{LABELS.get(name, name)}: {d['base']:.3g} -> {d['tuned']:.3g}, difference {d['delta']:+.3g} "
             f"[{d['low']:+.3g}, {d['high']:+.3g}]", fontsize=9, loc="left",
         )
-    rows[-1].set_xlabel(f"tuned - base, {metrics.get('confidence', 0.95):.0%} paired bootstrap interval")
+    rows[-1].set_xlabel(f"tuned - base, paired {metrics.get('confidence', 0.95):.0%} interval")
     figure.suptitle(f"Held-out evaluation ({metrics['examples']} prompts)")
     return _png(figure)

@@ -80,9 +80,16 @@ def promotion_markdown(decision: dict[str, Any]) -> str:
     lines = [f"## Promotion: **{decision['decision']}**", "", decision["reason"], ""]
     candidate, champion = decision.get("candidate") or {}, decision.get("champion") or {}
     if candidate:
-        lines += ["| held-out | candidate | champion |", "|---|---:|---:|"]
+        lines += ["| held-out, merged models (score) | candidate | champion |", "|---|---:|---:|"]
         lines += [f"| {name.replace('_', ' ')} | {candidate.get(name, '-')} | {champion.get(name, '-')} |" for name in ("loss", "format_adherence")]
         lines.append("")
+    if compared := decision.get("compared"):
+        lines += [
+            f"Per prompt, paired 95% intervals (promote.rule: {decision.get('rule')}, min_loss_gain {decision.get('min_loss_gain')}): "
+            f"loss gain, champion - candidate, {format_difference(compared['loss_gain'], 4)}; "
+            f"format adherence, candidate - champion, {format_difference(compared['format_adherence'])}.",
+            "",
+        ]
     lines.append(f"Champion before this run: `{decision.get('champion_dir') or 'none'}`")
     return "\n".join(lines) + "\n"
 
@@ -95,7 +102,7 @@ def held_out_table(m: dict[str, Any]) -> list[str]:
     """Base, tuned and the difference with its interval (marked * where it excludes 0), as markdown rows."""
     found = m.get("eval_differences") or {}
     lines = [
-        f"| held-out ({m.get('eval_examples') or '-'} prompts) | base | tuned | tuned - base [95% interval] |",
+        f"| held-out ({m.get('eval_examples') or '-'} prompts; 4-bit base, adapter off and on) | base | tuned | tuned - base [95% interval] |",
         "|---|---:|---:|---:|",
     ]
     for name, d in found.items():

@@ -24,7 +24,7 @@ from finetune.core.config import EvalConfig, QuantConfig, TokenizeConfig
 from finetune.core.measure import Laps
 from finetune.core.stage import Hooks, Stage
 from finetune.data.template import PromptFormat
-from finetune.reporting.stats import LABELS, format_difference, paired_difference
+from finetune.reporting.stats import LABELS, format_difference, paired_difference, paired_proportion_difference
 from finetune.stages.tokenize import IGNORE_INDEX, encode_split, load_tokenizer
 
 
@@ -127,14 +127,19 @@ def summary(examples: pd.DataFrame) -> dict:
 
 
 def differences(base: pd.DataFrame, tuned: pd.DataFrame, cfg: EvalConfig) -> dict[str, dict]:
-    """tuned - base of every metric with its paired bootstrap interval (same draws for every metric)."""
-    return {
-        name: paired_difference(
-            base[name].to_numpy(), tuned[name].to_numpy(), weights=base.tokens.to_numpy() if name == "loss" else None,
-            samples=cfg.bootstrap_samples, seed=cfg.seed, confidence=CONFIDENCE,
-        ).as_dict()
-        for name in METRICS
-    }  # fmt: skip
+    """tuned - base of every metric with its paired interval: bootstrap for means (same draws for each),
+    Newcombe's interval for format adherence (a proportion: honest at small n and at 0 and 1)."""
+    found = {}
+    for name in METRICS:
+        if name == "format_adherence":
+            difference = paired_proportion_difference(base[name].to_numpy(), tuned[name].to_numpy(), CONFIDENCE)
+        else:
+            difference = paired_difference(
+                base[name].to_numpy(), tuned[name].to_numpy(), weights=base.tokens.to_numpy() if name == "loss" else None,
+                samples=cfg.bootstrap_samples, seed=cfg.seed, confidence=CONFIDENCE,
+            )  # fmt: skip
+        found[name] = difference.as_dict()
+    return found
 
 
 def by_topic(base: pd.DataFrame, tuned: pd.DataFrame, topics: pd.Series, cfg: EvalConfig) -> list[dict]:
@@ -157,8 +162,9 @@ def _report_markdown(metrics: dict, samples: pd.DataFrame) -> str:
         "# Evaluation: base vs tuned",
         "",
         f"Held-out prompts: {metrics['examples']}; greedy decoding, at most {metrics['max_new_tokens']} new tokens. "
-        f"Intervals: paired bootstrap, {metrics['confidence']:.0%}, {metrics['bootstrap_samples']:,} draws (seed "
-        f"{metrics['seed']}); * marks a difference whose interval excludes 0.",
+        f"Intervals: {metrics['confidence']:.0%}, paired bootstrap of {metrics['bootstrap_samples']:,} draws (seed "
+        f"{metrics['seed']}); format adherence: Newcombe's interval for paired proportions. * marks a difference "
+        "whose interval excludes 0.",
         "",
         "| metric | base | tuned | tuned - base [95% interval] |",
         "|---|---:|---:|---:|",
