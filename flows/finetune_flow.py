@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from finetune.core.champion import champion_model_dir
+from finetune.core.champion import ChampionRecordError, champion_model_dir, read_record
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import PermanentError
 from finetune.core.measure import PeakMemory
@@ -147,6 +147,21 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     paths = config.paths
     record = RunRecord.begin(config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()))
     print(f"run record: {record.run_dir}")
+    try:
+        return _run(record, config)
+    except StageFailed:
+        raise
+    except Exception as error:  # between stages (the champion record, a folder): the record says so too
+        raise _fail(record, "flow", error) from error
+
+
+def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
+    """The stages in order, then the gate; a stage's failure is recorded by _run_stage."""
+    paths = config.paths
+    try:  # no cache rebuilds it: a record that cannot be read stops the run now, not after training
+        read_record(paths.models_dir)
+    except ChampionRecordError as error:
+        raise _fail(record, "champion", error) from error
 
     prepared_dir = _run_stage(record, prepare_task, PrepareInputs(
         raw_dir=paths.raw_dir, heldout_path=paths.heldout_path, data=config.data, template=config.tokenize.template,

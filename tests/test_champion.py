@@ -15,6 +15,7 @@ import pytest
 
 from finetune.core.champion import (
     KEPT,
+    ChampionRecordError,
     NO_CHANGE,
     PROMOTED,
     champion_model_dir,
@@ -150,3 +151,34 @@ def test_a_deleted_champion_folder_is_replaced(tmp_path):
 
     assert decision["decision"] == PROMOTED and "is gone" in decision["reason"]
     assert (models / "champion").resolve() == second.resolve()
+
+
+def test_a_promotion_keeps_the_record_it_replaces_and_an_unreadable_record_names_its_repair(tmp_path):
+    import shutil
+
+    models, first, second, third = tmp_path / "models", _model(tmp_path, "a"), _model(tmp_path, "b"), _model(tmp_path, "c")
+    record, previous = models / "champion.json", models / "champion.json.prev"
+    gate(models, first, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1")
+    assert not previous.exists()  # nothing was replaced
+    after_first = record.read_text()
+    gate(models, second, {"loss": 2.0, "format_adherence": 1.0}, first, {"loss": 3.0, "format_adherence": 1.0}, CFG, "run-2")
+    assert previous.read_text() == after_first
+
+    record.write_text(record.read_text()[:40])  # half-written by another tool
+    with pytest.raises(ChampionRecordError) as error:
+        read_record(models)
+    assert str(error.value).startswith(f"{record}: the champion record cannot be read (not valid JSON: ")
+    assert str(error.value).endswith(f"restore the last good version with `cp {previous} {record}`, or move {record} away to start with no champion")
+    damaged = record.read_text()
+    with pytest.raises(ChampionRecordError):  # a promotion never writes over it
+        gate(models, third, {"loss": 1.0, "format_adherence": 1.0}, None, None, CFG, "run-3")
+    assert (record.read_text(), previous.read_text()) == (damaged, after_first)
+
+    shutil.copy(previous, record)  # the repair the message names
+    assert champion_model_dir(models) == first.resolve()
+
+    record.write_text(json.dumps({"current": {"run_name": "run-1"}, "history": []}))  # edited by hand
+    previous.unlink()
+    with pytest.raises(ChampionRecordError) as error:
+        read_record(models)
+    assert '(its "current" entry needs a "model_dir"); no readable earlier version is kept' in str(error.value)

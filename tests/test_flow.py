@@ -214,3 +214,19 @@ def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached
     record = json.loads((failure.value.run_dir / "run.json").read_text())
     assert record["status"] == "failed" and record["stages"]["prepare"]["state"] == "failed"
     assert not set(_task_states(record["flow_run_id"])) & set(STAGES)  # no stage task ran, cached or not
+
+
+def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_server, tiny_overrides, workspace):
+    from flows.finetune_flow import StageFailed, finetune
+
+    (workspace / "models").mkdir()
+    (workspace / "models" / "champion.json").write_text('{"current": {"model_dir": "/models/a"}, "hist')
+
+    with pytest.raises(StageFailed) as failure:
+        finetune(TINY, tiny_overrides())
+
+    assert failure.value.stage == "champion"
+    assert failure.value.reason.startswith(f"{workspace / 'models' / 'champion.json'}: the champion record cannot be read (not valid JSON")
+    record = json.loads((failure.value.run_dir / "run.json").read_text())
+    assert (record["status"], record["stages"]) == ("failed", {})
+    assert record["error"] == f"champion: {failure.value.reason}"

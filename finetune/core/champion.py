@@ -2,7 +2,9 @@
 
 In `paths.models_dir`:
 - `champion.json`: the record, `{"current": <entry>, "history": [<entry>, ...]}`, oldest first. It is the
-  source of truth, and a promotion is one atomic write of it (temporary file, then rename).
+  source of truth, and a promotion is one atomic write of it (temporary file, then rename). No cache can
+  rebuild it, so the version it replaces is kept beside it first (`champion.json.prev`), and a record
+  that cannot be read stops a run before any stage with one line naming the file and how to repair it.
 - `champion`: a link to the promoted merged model folder, so any tool can load `models/champion`. It
   is switched atomically (a new link renamed over the old) right after the record; if a crash falls
   between the two, the next gate puts the link back in line with the record before anything else.
@@ -25,22 +27,53 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 from finetune.core.config import PromoteConfig
-from finetune.core.errors import InternalError
+from finetune.core.errors import InternalError, PermanentError
 from finetune.core.outputs import write_text_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
 
 RECORD = "champion.json"
+PREVIOUS = "champion.json.prev"  # the record as it was before the last promotion
 LINK = "champion"
 PROMOTED, KEPT, NO_CHANGE = "promoted", "kept", "no change"
 
 
-def read_record(models_dir: Path) -> dict[str, Any] | None:
+class ChampionRecordError(PermanentError, ValueError):
+    """champion.json cannot be read: damaged, half-written by another tool, or edited by hand."""
+
+
+def _problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None), or (None, what is wrong with it); (None, None) where there is no such file."""
     try:
-        return json.loads((Path(models_dir) / RECORD).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return None
+        return None, None
+    except UnicodeDecodeError as error:
+        return None, f"not UTF-8 text at byte {error.start}"
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+    if not isinstance(record, dict) or not isinstance(record.get("history"), list):
+        return None, 'it needs a "history" list of promotions'
+    current = record.get("current")
+    if not isinstance(current, dict) or not isinstance(current.get("model_dir"), str):
+        return None, 'its "current" entry needs a "model_dir"'
+    return record, None
+
+
+def read_record(models_dir: Path) -> dict[str, Any] | None:
+    """The champion record, None where there is none yet; a ChampionRecordError naming the file and the
+    repair (the last good version kept beside it, where it can be read) if it cannot be read."""
+    path = Path(models_dir) / RECORD
+    record, problem = _problem(path)
+    if problem is None:
+        return record
+    previous = path.with_name(PREVIOUS)
+    if _problem(previous)[0] is not None:
+        repair = f"restore the last good version with `cp {previous} {path}`, or move {path} away to start with no champion"
+    else:
+        repair = f"no readable earlier version is kept ({previous}); move {path} away to start with no champion (the next run promotes)"
+    raise ChampionRecordError(f"{path}: the champion record cannot be read ({problem}); {repair}")
 
 
 def _switch_link(link: Path, target: Path) -> None:
@@ -146,8 +179,13 @@ def _decide_and_promote(
 
 
 def promote(models_dir: Path, entry: dict) -> None:
-    """Make `entry["model_dir"]` the champion: the record first (one atomic write), then the link."""
+    """Make `entry["model_dir"]` the champion: the record first (one atomic write, after the version it
+    replaces is kept as champion.json.prev), then the link. A record that cannot be read is never
+    overwritten: the ChampionRecordError stops the promotion."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    history = (read_record(models_dir) or {}).get("history", [])
+    current = read_record(models_dir)
+    if current is not None:
+        write_text_atomic(models_dir / PREVIOUS, (models_dir / RECORD).read_text(encoding="utf-8"))
+    history = (current or {}).get("history", [])
     write_text_atomic(models_dir / RECORD, json.dumps({"current": entry, "history": [*history, entry]}, indent=2))
     _switch_link(models_dir / LINK, Path(entry["model_dir"]))
