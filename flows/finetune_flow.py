@@ -19,6 +19,7 @@ from finetune.core.champion import ChampionRecordError, champion_model_dir, read
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import PermanentError
 from finetune.core.measure import PeakMemory
+from finetune.core.outputs import read_manifest
 from finetune.core.preflight import check_hardware
 from finetune.core.record import RunRecord
 from finetune.reporting.run_card import write_run_reports
@@ -131,8 +132,10 @@ def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merg
             record, score_task, ScoreInputs(model_dir=champion_dir, **score), paths.output_dir, name="score_champion"
         )
     try:
+        prepared = read_manifest(prepared_dir) or {}
+        about = {"data_key": prepared.get("key"), "train_rows": prepared.get("train_rows")}
         record.promotion = promote_task(
-            paths.models_dir, candidate_dir, candidate_score, champion_dir, champion_score, config.promote, record.run_name
+            paths.models_dir, candidate_dir, candidate_score, champion_dir, champion_score, config.promote, record.run_name, about
         )
     except Exception as error:
         raise _fail(record, "promote", error) from error
@@ -144,7 +147,6 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     hide_tracebacks_of_permanent_errors()
     config = load_config(Path(config_path) if config_path else None, overrides or [])
     check_hardware(config)  # before any stage: a paged optimizer on a CPU worker fails here, not in train
-    paths = config.paths
     record = RunRecord.begin(config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()))
     print(f"run record: {record.run_dir}")
     try:

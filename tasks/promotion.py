@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from prefect.logging import get_run_logger
 
 from finetune.core.champion import compare, gate
 from finetune.core.config import PromoteConfig
+from finetune.core.history import history_markdown, read_history
+from finetune.reporting.plots import history_chart
 from finetune.reporting.run_card import promotion_markdown
 
 
@@ -28,15 +31,30 @@ def _examples(score_dir: Path) -> pd.DataFrame:
     return pd.read_json(Path(score_dir) / "samples.jsonl", lines=True)[["loss", "tokens", "format_adherence"]]
 
 
+HISTORY_ARTIFACT = "retraining-history"  # a keyed artifact: the UI lists its versions, one per run
+
+
+def publish_history(models_dir: Path) -> None:
+    """The retraining history (models_dir/history.jsonl) as a new version of the keyed artifact."""
+    entries, unreadable = read_history(models_dir)
+    picture = f"![held-out loss across retrains](data:image/png;base64,{base64.b64encode(history_chart(entries)).decode('ascii')})" if entries else ""
+    create_markdown_artifact(
+        history_markdown(entries, unreadable, picture), key=HISTORY_ARTIFACT,
+        description=f"Every gate decision and rollback of {models_dir}, oldest first",
+    )  # fmt: skip
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(
     models_dir: Path, candidate_dir: Path, candidate_score_dir: Path, champion_dir: Path | None,
-    champion_score_dir: Path | None, cfg: PromoteConfig, run_name: str,
+    champion_score_dir: Path | None, cfg: PromoteConfig, run_name: str, about: dict | None = None,
 ) -> dict:  # fmt: skip
-    """`champion_score_dir` holds the score of `champion_dir`, the champion when the run looked (or None)."""
+    """`champion_score_dir` holds the score of `champion_dir`, the champion when the run looked (or None);
+    `about`: what the history keeps of the run (its data key and rows)."""
     candidate, champion = _metrics(candidate_score_dir), _metrics(champion_score_dir)
     compared = compare(_examples(candidate_score_dir), _examples(champion_score_dir)) if champion_score_dir else None
-    decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name, compared)
+    decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name, compared, about)
     get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
     create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")
+    publish_history(Path(models_dir))
     return decision

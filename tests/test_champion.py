@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from finetune.core.champion import (
     KEPT,
     ChampionRecordError,
+    RollbackError,
     NO_CHANGE,
     PROMOTED,
     champion_model_dir,
@@ -23,7 +25,9 @@ from finetune.core.champion import (
     decide,
     gate,
     read_record,
+    rollback,
 )
+from finetune.core.history import history_markdown, read_history
 from finetune.core.config import PromoteConfig
 from tests.conftest import ROOT
 
@@ -182,3 +186,46 @@ def test_a_promotion_keeps_the_record_it_replaces_and_an_unreadable_record_names
     with pytest.raises(ChampionRecordError) as error:
         read_record(models)
     assert '(its "current" entry needs a "model_dir"); no readable earlier version is kept' in str(error.value)
+
+
+def test_every_decision_is_in_the_history_and_a_rollback_puts_an_earlier_champion_back(tmp_path):
+    models = tmp_path / "models"
+    first, second, third = (_model(tmp_path, name) for name in "abc")
+    for folder in (first, second, third):
+        (folder / "config.json").write_text("{}")
+    with pytest.raises(RollbackError, match="no champion yet, nothing to roll back to"):
+        rollback(models)
+    gate(models, first, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1", about={"data_key": "k1", "train_rows": 100})
+    with pytest.raises(RollbackError, match="the history has no other champion"):
+        rollback(models)
+    gate(models, second, {"loss": 2.0, "format_adherence": 1.0}, first, {"loss": 3.0, "format_adherence": 1.0}, CFG, "run-2")
+    gate(models, third, {"loss": 2.5, "format_adherence": 1.0}, second, {"loss": 2.0, "format_adherence": 1.0}, CFG, "run-3")
+    gate(models, second, {"loss": 2.0, "format_adherence": 1.0}, second, None, CFG, "run-4")
+
+    back = rollback(models)  # the one before the current: run-1's model
+
+    assert (back["run_name"], back["replaced"], back["rollback"]) == ("run-1", str(second.resolve()), True)
+    assert champion_model_dir(models) == first.resolve() and (models / "champion").resolve() == first.resolve()
+    record = read_record(models)
+    assert [e["run_name"] for e in record["history"]] == ["run-1", "run-2", "run-1"] and record["history"][-1]["rollback"]
+    assert rollback(models, "run-2")["run_name"] == "run-2"  # --to: a named run's champion
+    with pytest.raises(RollbackError, match="no earlier champion from run run-3 to put back; earlier champions: run-1"):
+        rollback(models, "run-3")  # kept, never a champion
+
+    entries, unreadable = read_history(models)
+    assert [(e["run_name"], e["decision"]) for e in entries] == [
+        ("run-1", PROMOTED), ("run-2", PROMOTED), ("run-3", KEPT), ("run-4", NO_CHANGE), ("run-1", "rollback"), ("run-2", "rollback")]
+    assert (entries[0]["data_key"], entries[0]["train_rows"], unreadable) == ("k1", 100, [])
+    assert entries[2]["candidate"] == {"loss": 2.5, "format_adherence": 1.0} and entries[2]["champion"]["loss"] == 2.0
+
+    with open(models / "history.jsonl", "a") as history:
+        history.write('{"run_name": "cut-off')  # a write a crash cut short
+    gate(models, third, {"loss": 9.0, "format_adherence": 1.0}, second, {"loss": 2.0, "format_adherence": 1.0}, CFG, "run-5")
+    entries, unreadable = read_history(models)
+    assert (entries[-1]["run_name"], unreadable) == ("run-5", [7])
+    table = history_markdown(entries, unreadable)
+    assert "| run-3 | kept |" in table and "Lines 7 of history.jsonl could not be read and are left out." in table
+
+    shutil.rmtree(first)
+    with pytest.raises(RollbackError, match=f"{first}: the model of run run-1 is gone; pick another with --to"):
+        rollback(models, "run-1")

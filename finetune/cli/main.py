@@ -1,6 +1,7 @@
 """`finetune run [--config PATH] [--set key=value ...]`: run the flow once and say where its record is.
 `finetune validate`: the data contract alone. `finetune chat [PROMPT]`: talk to a run's model.
 `finetune export` / `finetune push`: a finished run's model as checked GGUF files, or on a hub.
+`finetune history` / `finetune rollback [--to RUN]`: the gate's decisions over time; an earlier champion back.
 
 Runs against the Prefect server in PREFECT_API_URL when set, else in Prefect's ephemeral mode.
 """
@@ -39,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--repo", required=True, help="the hub repository, e.g. you/my-model (created if missing)")
     push.add_argument("--adapter", action="store_true", help="upload the LoRA adapter alone instead of the merged model")
     push.add_argument("--private", action="store_true", help="create the repository as private")
-    for command in (run, validate, chat, export, push):
+    history = commands.add_parser("history", help="every gate decision and rollback of paths.models_dir, oldest first")
+    rollback = commands.add_parser("rollback", help="make an earlier champion current again (default: the one before the current)")
+    rollback.add_argument("--to", dest="to_run", help="the run whose champion to put back (see `finetune history`)")
+    for command in (run, validate, chat, export, push, history, rollback):
         command.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG} if present)")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -118,6 +122,40 @@ def _publish(config, args) -> int:
     return 0
 
 
+def _history(config) -> int:
+    from finetune.core.champion import read_record
+    from finetune.core.history import HISTORY, history_rows, read_history
+
+    entries, unreadable = read_history(config.paths.models_dir)
+    rows = history_rows(entries)
+    if not rows:
+        print(f"no decisions yet in {config.paths.models_dir / HISTORY}")
+        return 0
+    widths = {name: max(len(name), *(len(row[name]) for row in rows)) for name in rows[0]}
+    print("  ".join(name.ljust(width) for name, width in widths.items()))
+    for row in rows:
+        print("  ".join(row[name].ljust(width) for name, width in widths.items()))
+    if unreadable:
+        print(f"lines {', '.join(map(str, unreadable))} of {config.paths.models_dir / HISTORY} could not be read and are left out")
+    record = read_record(config.paths.models_dir)
+    if record is not None:
+        print(f"champion: {record['current'].get('run_name')} ({record['current']['model_dir']})")
+    return 0
+
+
+def _rollback(config, to_run: str | None) -> int:
+    from finetune.core.champion import LINK, ChampionRecordError, RollbackError, rollback
+
+    try:
+        entry = rollback(config.paths.models_dir, to_run)
+    except (RollbackError, ChampionRecordError) as error:
+        print(f"finetune: rollback failed: {error}", file=sys.stderr)
+        return 1
+    print(f"champion: {entry['run_name']} ({entry['model_dir']}), {entry['reason']}")
+    print(f"{config.paths.models_dir / LINK} -> {entry['model_dir']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
@@ -136,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return _chat(config, args)
     if args.command in ("export", "push"):
         return _publish(config, args)
+    if args.command == "history":
+        return _history(config)
+    if args.command == "rollback":
+        return _rollback(config, args.to_run)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
     from flows.finetune_flow import StageFailed, finetune

@@ -28,6 +28,7 @@ from filelock import FileLock
 
 from finetune.core.config import PromoteConfig
 from finetune.core.errors import InternalError, PermanentError
+from finetune.core.history import append
 from finetune.core.outputs import write_text_atomic
 
 if TYPE_CHECKING:
@@ -140,16 +141,64 @@ def _same(a: Path | None, b: Path | None) -> bool:
 
 def gate(
     models_dir: Path, candidate_dir: Path, candidate: dict, scored_dir: Path | None, champion: dict | None,
-    cfg: PromoteConfig, run_name: str, compared: dict | None = None,
+    cfg: PromoteConfig, run_name: str, compared: dict | None = None, about: dict | None = None,
 ) -> dict:  # fmt: skip
     """Decide, promote when the candidate wins, and return the decision with its numbers. `champion` is
     the score of the model in `scored_dir`, the champion when this run looked; `compared`, the two per
-    prompt (`compare`). Runs that reach the gate together take turns (a file lock), so no promotion is
-    lost from the history."""
+    prompt (`compare`); `about`, what the history keeps of the run (data_key, train_rows). Runs that reach
+    the gate together take turns (a file lock), so no promotion is lost from the record or the history."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(models_dir / ".champion.lock"):
-        return _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name, compared)
+        decision = _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name, compared)
+        append(models_dir, {
+            "at": _now(), "run_name": run_name, **(about or {}), "model_dir": str(candidate_dir),
+            **{name: decision.get(name) for name in ("decision", "reason", "candidate", "champion", "champion_dir", "compared", "rule")},
+        })  # fmt: skip
+        return decision
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class RollbackError(PermanentError, ValueError):
+    """No earlier champion to put back, or its model folder is gone."""
+
+
+def rollback(models_dir: Path, to_run: str | None = None) -> dict:
+    """Make an earlier champion current again: the newest entry of the record's history with another model
+    than the current one (or the newest of run `to_run`). Atomic like a promotion (the record, then the
+    link), and recorded as a decision of its own in the record's history and in history.jsonl."""
+    models_dir = Path(models_dir)
+    with FileLock(models_dir / ".champion.lock"):
+        record = read_record(models_dir)
+        if record is None:
+            raise RollbackError(f"{models_dir / RECORD}: no champion yet, nothing to roll back to")
+        current = record["current"]
+        earlier = [e for e in reversed(record["history"]) if not _same(Path(e["model_dir"]), Path(current["model_dir"]))]
+        if to_run is not None:
+            earlier = [e for e in earlier if e.get("run_name") == to_run]
+        if not earlier:
+            names = sorted({str(e.get("run_name")) for e in record["history"] if not _same(Path(e["model_dir"]), Path(current["model_dir"]))})
+            known = f"earlier champions: {', '.join(names)}" if names else "the history has no other champion"
+            raise RollbackError(f"{models_dir / RECORD}: no earlier champion {'from run ' + to_run if to_run else ''} to put back; {known}")
+        target = earlier[0]
+        model_dir = Path(target["model_dir"])
+        if not (model_dir / "config.json").is_file():
+            raise RollbackError(f"{model_dir}: the model of run {target.get('run_name')} is gone; pick another with --to")
+        reason = f"rollback from {current.get('run_name')} to {target.get('run_name')}"
+        entry = {
+            "model_dir": str(model_dir), "run_name": target.get("run_name"), "promoted_at": _now(), "metrics": target.get("metrics"),
+            "replaced": current["model_dir"], "reason": reason, "rollback": True,
+        }  # fmt: skip
+        promote(models_dir, entry)
+        append(models_dir, {
+            "at": entry["promoted_at"], "run_name": target.get("run_name"), "decision": "rollback", "reason": reason,
+            "candidate": target.get("metrics"), "champion": current.get("metrics"), "champion_dir": current["model_dir"],
+            "model_dir": str(model_dir),
+        })  # fmt: skip
+        return entry
 
 
 def _decide_and_promote(

@@ -68,3 +68,33 @@ def evaluation_chart(metrics: dict[str, Any]) -> bytes:
     rows[-1].set_xlabel(f"tuned - base, paired {metrics.get('confidence', 0.95):.0%} interval")
     figure.suptitle(f"Held-out evaluation ({metrics['examples']} prompts)")
     return _png(figure)
+
+
+def history_chart(entries: list[dict[str, Any]]) -> bytes:
+    """Held-out loss across retrains: each candidate (a dot, starred where promoted, a ring where a rollback
+    put it back), and the champion's loss after each decision as a step line."""
+    figure = Figure(figsize=(7.5, 3.6), layout="constrained")
+    axes = figure.subplots()
+    champion_line, champion = [], None
+    for entry in entries:
+        candidate = (entry.get("candidate") or {}).get("loss")
+        if entry.get("decision") in ("promoted", "rollback"):
+            champion = candidate
+        elif (entry.get("champion") or {}).get("loss") is not None:
+            champion = entry["champion"]["loss"]
+        champion_line.append(champion)
+    runs = list(range(1, len(entries) + 1))
+    axes.step(runs, [c if c is not None else float("nan") for c in champion_line], where="post", color="tab:green", label="champion after the decision")
+    styles = {"promoted": ("*", "tab:green", 160), "rollback": ("o", "tab:orange", 90), "kept": ("o", "tab:gray", 40), "no change": ("o", "tab:blue", 25)}
+    for decision, (marker, color, size) in styles.items():
+        points = [(run, (e.get("candidate") or {}).get("loss")) for run, e in zip(runs, entries) if e.get("decision") == decision]
+        points = [(run, loss) for run, loss in points if loss is not None]
+        if points:
+            axes.scatter(*zip(*points), marker=marker, s=size, color=color, label=decision, zorder=3)
+    axes.set_xlabel("decision (oldest first)")
+    axes.set_ylabel("held-out loss per response token")
+    axes.set_title("Retraining history")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    return _png(figure)

@@ -1,0 +1,78 @@
+"""Retraining over time: one line per gate decision in `paths.models_dir/history.jsonl` (promoted, kept,
+no change, rollback), oldest first, with the run, its data key and rows, both models' held-out figures and
+the paired intervals the gate decided on. The gate and `finetune rollback` append under the champion's
+lock; the file is only ever appended to, one whole line per write.
+
+Unlike champion.json it decides nothing: a line that cannot be read (a write cut off by a crash) is left
+out of the history with a note, and the next append starts on a line of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.reporting.stats import format_difference
+
+HISTORY = "history.jsonl"
+
+
+def append(models_dir: Path, entry: dict[str, Any]) -> None:
+    """Add one decision: a single write of a whole line, synced, after a newline if a cut-off write left none."""
+    path = Path(models_dir) / HISTORY
+    line = json.dumps(entry, sort_keys=True) + "\n"
+    with open(path, "ab") as handle:
+        if handle.tell() and path.read_bytes()[-1:] != b"\n":
+            line = "\n" + line
+        handle.write(line.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_history(models_dir: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the decisions, oldest first; the numbers of lines that could not be read)."""
+    path = Path(models_dir) / HISTORY
+    if not path.is_file():
+        return [], []
+    entries, unreadable = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            unreadable.append(number)
+    return entries, unreadable
+
+
+def _loss(figures: dict | None) -> str:
+    return f"{figures['loss']:.4f}" if figures and figures.get("loss") is not None else "-"
+
+
+def history_rows(entries: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per decision, as the artifact and `finetune history` show it."""
+    rows = []
+    for entry in entries:
+        gain = (entry.get("compared") or {}).get("loss_gain")
+        rows.append({
+            "when": entry.get("at", "-"), "run": entry.get("run_name", "-"), "decision": entry.get("decision", "-"),
+            "data key": (entry.get("data_key") or "-")[:12], "rows": str(entry.get("train_rows") or "-"),
+            "candidate loss": _loss(entry.get("candidate")), "champion loss": _loss(entry.get("champion")),
+            "loss gain [95%]": format_difference(gain, 4) if gain else "-",
+        })  # fmt: skip
+    return rows
+
+
+def history_markdown(entries: list[dict[str, Any]], unreadable: list[int], image: str = "") -> str:
+    """The history as markdown: the picture (a data URI image, when given), then one row per decision."""
+    rows = history_rows(entries)
+    lines = ["# Retraining history", "", image.rstrip(), ""] if image else ["# Retraining history", ""]
+    lines += [f"{len(rows)} decisions, oldest first; promotions replace the champion, rollbacks put an earlier one back.", ""]
+    if rows:
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    if unreadable:
+        lines += ["", f"Lines {', '.join(map(str, unreadable))} of {HISTORY} could not be read and are left out."]
+    return "\n".join(lines) + "\n"
