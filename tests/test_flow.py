@@ -230,3 +230,80 @@ def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_se
     record = json.loads((failure.value.run_dir / "run.json").read_text())
     assert (record["status"], record["stages"]) == ("failed", {})
     assert record["error"] == f"champion: {failure.value.reason}"
+
+
+def _cli(*args: str) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120)
+
+
+def test_the_history_shows_every_run_in_the_ui_and_on_the_command_line(tiny_flow_run, second, third):
+    """Each run publishes a new version of the keyed artifact retraining-history (read back from the server
+    for the third run: its picture and a row per decision so far); `finetune history` prints the same rows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retraining-history"])))
+    ours = {str(v.flow_run_id): v.data for v in versions if str(v.flow_run_id) in {r["flow_run_id"] for r in (tiny_flow_run[0], second, third)}}
+    assert len(ours) == 3  # one version per run
+    latest = ours[third["flow_run_id"]]
+    assert "![held-out loss across retrains](data:image/png;base64," in latest
+    decisions = [(tiny_flow_run[0]["run_name"], "promoted"), (second["run_name"], "no change"), (third["run_name"], third["promotion"]["decision"])]
+    for run_name, decision in decisions:
+        assert f"| {run_name} | {decision} | {first_key(tiny_flow_run[0])} |" in latest
+    assert "3 decisions, oldest first" in latest
+
+    sets = [arg for item in tiny_flow_run[1] for arg in ("--set", item)]
+    printed = _cli("history", "--config", TINY, *sets)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert lines[0].split() == ["when", "run", "decision", "data", "key", "rows", "candidate", "loss", "champion", "loss", "loss", "gain", "[95%]"]
+    assert [line.split()[1:3] for line in lines[1:4]] == [[run, decision.split()[0]] for run, decision in decisions]
+    assert lines[-1].startswith("champion: ")
+
+
+def first_key(record: dict) -> str:
+    return record["stages"]["prepare"]["key"][:12]
+
+
+def test_finetune_rollback_puts_the_earlier_champion_back_and_it_answers_as_that_model(tiny_flow_run, third, tmp_path):
+    """Two real merged models promoted in turn into a models folder of its own; `finetune rollback` makes
+    the first current again, and what models/champion points to loads and answers as the first model."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.core.champion import gate
+    from finetune.core.config import PromoteConfig
+    from finetune.stages.tokenize import load_tokenizer
+
+    models = tmp_path / "models"
+    first_model = Path(tiny_flow_run[0]["stages"]["merge"]["output_dir"]) / "model"
+    third_model = Path(third["stages"]["merge"]["output_dir"]) / "model"
+    point = PromoteConfig(rule="point")
+    gate(models, first_model, {"loss": 3.0, "format_adherence": 1.0}, None, None, point, tiny_flow_run[0]["run_name"])
+    gate(models, third_model, {"loss": 2.0, "format_adherence": 1.0}, first_model, {"loss": 3.0, "format_adherence": 1.0}, point, third["run_name"])
+    assert (models / "champion").resolve() == third_model.resolve()
+
+    sets = [arg for item in [*tiny_flow_run[1], f"paths.models_dir={models}"] for arg in ("--set", item)]
+    done = _cli("rollback", "--config", TINY, *sets)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"champion: {tiny_flow_run[0]['run_name']} ({first_model.resolve()}), rollback from {third['run_name']} to ")
+    assert (models / "champion").resolve() == first_model.resolve()
+    tokenizer = load_tokenizer(first_model)
+    prompt = tokenizer("### HUMAN:\nWhat is rain?\n\n### RESPONSE:\n", return_tensors="pt")
+
+    def answer(folder: Path) -> list[int]:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        return model.generate(**prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+
+    assert answer(models / "champion") == answer(first_model)
+    assert answer(first_model) != answer(third_model)  # the rollback changed which model answers
+
+    history = _cli("history", "--config", TINY, *sets)
+    assert history.stdout.splitlines()[3].split()[1:3] == [tiny_flow_run[0]["run_name"], "rollback"]
+    again = _cli("rollback", "--config", TINY, *sets, "--to", "no-such-run")
+    assert again.returncode == 1 and again.stderr.startswith("finetune: rollback failed: ") and "earlier champions: " in again.stderr
