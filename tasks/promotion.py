@@ -12,11 +12,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from finetune.core.champion import compare, gate
+from finetune.core.champion import gate
 from finetune.core.config import PromoteConfig
-from finetune.core.history import history_markdown, read_history
+from finetune.core.history import read_history
+from finetune.reporting.history import history_markdown
 from finetune.reporting.plots import history_chart
 from finetune.reporting.run_card import promotion_markdown
+from finetune.reporting.stats import compare_models
 
 
 def _metrics(score_dir: Path | None) -> dict | None:
@@ -52,7 +54,7 @@ def promote_task(
     """`champion_score_dir` holds the score of `champion_dir`, the champion when the run looked (or None);
     `about`: what the history keeps of the run (its data key and rows)."""
     candidate, champion = _metrics(candidate_score_dir), _metrics(champion_score_dir)
-    compared = compare(_examples(candidate_score_dir), _examples(champion_score_dir)) if champion_score_dir else None
+    compared = compare_models(_examples(candidate_score_dir), _examples(champion_score_dir)) if champion_score_dir else None
     decision = gate(models_dir, candidate_dir, candidate, champion_dir, champion, cfg, run_name, compared, about)
     get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
     create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")

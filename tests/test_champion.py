@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import textwrap
 
 import numpy as np
@@ -16,19 +16,20 @@ import pytest
 
 from finetune.core.champion import (
     KEPT,
-    ChampionRecordError,
-    RollbackError,
     NO_CHANGE,
     PROMOTED,
+    ChampionRecordError,
+    RollbackError,
     champion_model_dir,
-    compare,
     decide,
     gate,
     read_record,
     rollback,
 )
-from finetune.core.history import history_markdown, read_history
 from finetune.core.config import PromoteConfig
+from finetune.core.history import read_history
+from finetune.reporting.history import history_markdown
+from finetune.reporting.stats import compare_models
 from tests.conftest import ROOT
 
 CFG = PromoteConfig(rule="point", min_loss_gain=0.05)
@@ -70,20 +71,20 @@ def test_the_interval_rule_promotes_a_clear_gain_and_keeps_one_inside_the_noise(
         return {"loss": float((frame.loss * frame.tokens).sum() / frame.tokens.sum()), "format_adherence": float(frame.format_adherence.mean())}
 
     candidate = _scored(noisy, tokens, np.ones(25))
-    compared = compare(candidate, champion)
+    compared = compare_models(candidate, champion)
     assert compared["loss_gain"]["delta"] == pytest.approx(0.02) and compared["loss_gain"]["low"] < 0 < compared["loss_gain"]["high"]
     assert decide(whole(candidate), whole(champion), PromoteConfig(rule="point"))[0] == PROMOTED
     verdict, reason = decide(whole(candidate), whole(champion), interval, compared)
     assert verdict == KEPT and "not clearly above promote.min_loss_gain=0.0" in reason
 
     clear = _scored(champion_loss - 0.05, tokens, np.ones(25))
-    compared = compare(clear, champion)
+    compared = compare_models(clear, champion)
     assert compared["loss_gain"]["low"] > 0.04
     assert decide(whole(clear), whole(champion), interval, compared)[0] == PROMOTED
     assert decide(whole(clear), whole(champion), PromoteConfig(min_loss_gain=0.06), compared)[0] == KEPT  # the margin
 
     broken = _scored(champion_loss - 0.05, tokens, np.r_[np.zeros(6), np.ones(19)])
-    verdict, reason = decide(whole(broken), whole(champion), interval, compare(broken, champion))
+    verdict, reason = decide(whole(broken), whole(champion), interval, compare_models(broken, champion))
     assert verdict == KEPT and reason.startswith("format adherence -0.240 [95% ") and reason.endswith("clearly lower")
 
 

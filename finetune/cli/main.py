@@ -124,7 +124,8 @@ def _publish(config, args) -> int:
 
 def _history(config) -> int:
     from finetune.core.champion import read_record
-    from finetune.core.history import HISTORY, history_rows, read_history
+    from finetune.core.history import HISTORY, read_history
+    from finetune.reporting.history import history_rows
 
     entries, unreadable = read_history(config.paths.models_dir)
     rows = history_rows(entries)

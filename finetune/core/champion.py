@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import FileLock
 
@@ -30,9 +30,6 @@ from finetune.core.config import PromoteConfig
 from finetune.core.errors import InternalError, PermanentError
 from finetune.core.history import append
 from finetune.core.outputs import write_text_atomic
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 RECORD = "champion.json"
 PREVIOUS = "champion.json.prev"  # the record as it was before the last promotion
@@ -96,25 +93,9 @@ def champion_model_dir(models_dir: Path) -> Path | None:
     return target
 
 
-def compare(candidate: pd.DataFrame, champion: pd.DataFrame) -> dict[str, dict]:
-    """The two models per held-out prompt (score's samples: mean loss per response token, the response's
-    tokens, format adherence), in the same order: the loss gain, champion - candidate per response token, with its
-    paired bootstrap interval, and candidate - champion format adherence with Newcombe's interval."""
-    from finetune.reporting.stats import paired_difference, paired_proportion_difference
-
-    if len(candidate) != len(champion):
-        raise InternalError(f"candidate and champion were scored on {len(candidate)} and {len(champion)} prompts; the gate needs the same set")
-    gain = paired_difference(
-        candidate.loss.to_numpy(), champion.loss.to_numpy(), weights=candidate.tokens.to_numpy(),
-        tuned_weights=champion.tokens.to_numpy(),
-    )  # fmt: skip
-    adherence = paired_proportion_difference(champion.format_adherence.to_numpy(), candidate.format_adherence.to_numpy())
-    return {"loss_gain": gain.as_dict(), "format_adherence": adherence.as_dict()}
-
-
 def decide(candidate: dict, champion: dict | None, cfg: PromoteConfig, compared: dict | None = None) -> tuple[str, str]:
     """(decision, reason) from held-out metrics {"loss", "format_adherence"} of both models and, for the
-    interval rule, their per-prompt comparison (`compare`)."""
+    interval rule, their per-prompt comparison (finetune.reporting.stats.compare_models)."""
     if champion is None:
         return PROMOTED, "no champion yet"
     if cfg.rule == "interval":
@@ -145,7 +126,7 @@ def gate(
 ) -> dict:  # fmt: skip
     """Decide, promote when the candidate wins, and return the decision with its numbers. `champion` is
     the score of the model in `scored_dir`, the champion when this run looked; `compared`, the two per
-    prompt (`compare`); `about`, what the history keeps of the run (data_key, train_rows). Runs that reach
+    prompt (stats.compare_models); `about`, what the history keeps of the run (data_key, train_rows). Runs that reach
     the gate together take turns (a file lock), so no promotion is lost from the record or the history."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)

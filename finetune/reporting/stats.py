@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 
 from finetune.core.errors import InternalError
 
@@ -119,3 +120,17 @@ def format_difference(found: dict, digits: int = 3) -> str:
     """`delta [low, high]` of a `Difference.as_dict()`, signed, with `*` where the interval excludes 0."""
     mark = " *" if found["excludes_zero"] else ""
     return f"{found['delta']:+.{digits}f} [{found['low']:+.{digits}f}, {found['high']:+.{digits}f}]{mark}"
+
+
+def compare_models(candidate: pd.DataFrame, champion: pd.DataFrame) -> dict[str, dict]:
+    """The two models per held-out prompt (score's samples: mean loss per response token, the response's
+    tokens, format adherence), in the same order: the loss gain, champion - candidate per response token, with its
+    paired bootstrap interval, and candidate - champion format adherence with Newcombe's interval."""
+    if len(candidate) != len(champion):
+        raise InternalError(f"candidate and champion were scored on {len(candidate)} and {len(champion)} prompts; the gate needs the same set")
+    gain = paired_difference(
+        candidate.loss.to_numpy(), champion.loss.to_numpy(), weights=candidate.tokens.to_numpy(),
+        tuned_weights=champion.tokens.to_numpy(),
+    )  # fmt: skip
+    adherence = paired_proportion_difference(champion.format_adherence.to_numpy(), candidate.format_adherence.to_numpy())
+    return {"loss_gain": gain.as_dict(), "format_adherence": adherence.as_dict()}
