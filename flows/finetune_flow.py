@@ -7,6 +7,7 @@ sections.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from finetune.core.champion import ChampionRecordError, champion_model_dir, read
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import PermanentError
 from finetune.core.measure import PeakMemory
-from finetune.core.outputs import read_manifest
+from finetune.core.outputs import read_manifest, write_text_atomic
 from finetune.core.preflight import check_hardware
-from finetune.core.record import RunRecord
+from finetune.core.record import RunRecord, read_json
 from finetune.reporting.run_card import write_run_reports
 from finetune.stages.evaluate import EvaluateInputs, ScoreInputs
 from finetune.stages.export import ExportInputs
@@ -117,6 +118,28 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
     return output_dir
 
 
+def _since_champion(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, tokenized_dir: Path) -> None:
+    """The run's data against the data the champion was trained on (data_changes.json/.md in the run folder,
+    the `data-changes` artifact): nothing when there is no champion yet; a warning, not a failure, when
+    the champion's run record or its data folders are gone."""
+    from finetune.reporting.data_changes import changes_markdown, data_changes
+
+    champion = read_record(config.paths.models_dir)
+    if champion is None:
+        return
+    champion_run = str(champion["current"].get("run_name"))
+    then = read_json(Path(config.paths.runs_dir) / champion_run / "run.json").get("stages", {})
+    folders = [Path(then[name]["output_dir"]) if then.get(name, {}).get("output_dir") else None for name in ("prepare", "tokenize")]
+    if folders[0] is None or not (folders[0] / "train.parquet").is_file():
+        logging.getLogger("finetune").warning("data changes: the prepared data of the champion's run %s is gone; nothing to compare", champion_run)
+        return
+    changes = data_changes((prepared_dir, tokenized_dir), (folders[0], folders[1]), champion_run)
+    write_text_atomic(record.run_dir / "data_changes.json", json.dumps(changes, indent=2))
+    write_text_atomic(record.run_dir / "data_changes.md", changes_markdown(changes))
+    record.data_changes = changes
+    record.save()
+
+
 def _promote(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, merged_dir: Path) -> None:
     """Score the candidate and the champion on the same held-out set, then let the gate decide."""
     paths = config.paths
@@ -172,6 +195,7 @@ def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
     tokenized_dir = _run_stage(record, tokenize_task, TokenizeInputs(
         prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize,
     ), paths.processed_dir)  # fmt: skip
+    _since_champion(record, config, prepared_dir, tokenized_dir)
     train_dir = _run_stage(record, train_task, TrainInputs(
         tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train,
     ), paths.output_dir)  # fmt: skip

@@ -42,8 +42,13 @@ def publish_reports(record: dict[str, Any]) -> None:
     """Run card, data report, training loss table, evaluation, and links to the adapter and merged model."""
     outputs = {name: Path(stage["output_dir"]) for name, stage in record["stages"].items() if stage.get("output_dir")}
     create_markdown_artifact(run_card(record), key="run-card", description=f"Run card of {record['run_name']}")
+    run_dir = Path(record["run_dir"])
+    changes = _read(run_dir / "data_changes.md")
     if "prepare" in outputs and (text := _read(outputs["prepare"] / "report.md")):
-        create_markdown_artifact(text, key="data-report", description="Rows per topic and split, lengths, rejects")
+        text += f"\n{changes.replace('# Data since', '## Data since', 1)}" if changes else ""
+        create_markdown_artifact(text, key="data-report", description="Rows per topic and split, lengths, rejects, and what changed since the champion")
+    if changes:
+        create_markdown_artifact(changes, key="data-changes", description="Rows, files, rejects, topics and lengths against the champion's data")
     rejected = [
         {"stage": stage, **row}
         for stage in ("prepare", "tokenize")
@@ -52,7 +57,6 @@ def publish_reports(record: dict[str, Any]) -> None:
     ]
     if rejected:
         create_table_artifact(rejected, key="rejected-rows", description="Rows left out, with file, line and reason")
-    run_dir = Path(record["run_dir"])
     if "train" in outputs and (text := _read(outputs["train"] / "log_history.json")):
         history = json.loads(text)
         create_markdown_artifact(

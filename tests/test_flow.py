@@ -309,3 +309,16 @@ def test_finetune_rollback_puts_the_earlier_champion_back_and_it_answers_as_that
     assert history.stdout.splitlines()[3].split()[1:3] == [tiny_flow_run[0]["run_name"], "rollback"]
     again = _cli("rollback", "--config", TINY, *sets, "--to", "no-such-run")
     assert again.returncode == 1 and again.stderr.startswith("finetune: rollback failed: ") and "earlier champions: " in again.stderr
+
+
+def test_a_run_reports_its_data_against_the_data_its_champion_was_trained_on(first, third):
+    assert first["data_changes"] is None  # no champion yet: nothing to compare
+    changes = third["data_changes"]  # a LoRA change on the same data
+    assert (Path(third["run_dir"]).parent / changes["champion_run"] / "run.json").is_file()
+    assert changes["rows"] == {"then": 104, "now": 104, "added": 0, "removed": 0, "edited": 0}
+    assert (changes["topic_shift"], changes["lengths"]["ks"]) == (0.0, 0.0)
+    artifacts = _artifacts(third["flow_run_id"])
+    assert "**0 added, 0 removed, 0 edited**" in artifacts["data-changes"].data
+    assert f"## Data since the champion (run {changes['champion_run']})" in artifacts["data-report"].data
+    card = Path(third["run_dir"], "run_card.md").read_text()
+    assert f"Data since the champion (run {changes['champion_run']}): 0 rows added, 0 removed, 0 edited; topic shift 0.000" in card

@@ -67,6 +67,7 @@ class RunRecord:
     status: str = "running"
     error: str | None = None
     promotion: dict[str, Any] | None = None  # the gate's decision, with the numbers it compared
+    data_changes: dict[str, Any] | None = None  # the data against the champion's (finetune.reporting.data_changes)
     environment: dict[str, Any] = field(default_factory=lambda: {"versions": versions(), "hardware": hardware()})
     process: dict[str, Any] = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
 
@@ -143,6 +144,7 @@ class RunRecord:
             "seconds": round(time.monotonic() - self.started, 2),
             "stages": self.stages,
             "promotion": self.promotion,
+            "data_changes": self.data_changes,
             "process": self.process,  # who writes this record while it runs: reconcile_crashed checks it
             "metrics": self.metrics(),
             **self.environment,

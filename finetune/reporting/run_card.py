@@ -156,6 +156,11 @@ def run_card(record: dict[str, Any]) -> str:
         *held_out_table(m),
         *export_table(m.get("exported"), record["stages"].get("export", {}).get("output_dir")),
     ]
+    if changes := record.get("data_changes"):
+        rows = changes["rows"]
+        lengths = f", token lengths shifted {changes['lengths']['ks']:.3f} (KS)" if changes.get("lengths") else ""
+        lines += ["", f"Data since the champion (run {changes['champion_run']}): {rows['added']} rows added, {rows['removed']} removed, "
+                  f"{rows['edited']} edited; topic shift {changes['topic_shift']:.3f}{lengths} (`data_changes.md`)."]  # fmt: skip
     if record.get("promotion"):
         lines += ["", promotion_markdown(record["promotion"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
