@@ -73,6 +73,20 @@ def hide_tracebacks_of_permanent_errors() -> None:
             run_logger.addFilter(_MessageOnlyForPermanent())
 
 
+def _prefect_state(flow_run_id: str) -> str | None:
+    """The state type of a flow run as the Prefect server knows it (COMPLETED, CRASHED, ...); None where it
+    cannot say (another server's run, a server that is down)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(flow_run_id)).state.type.value
+    except Exception:  # not on this server, unreachable, or not an id: it cannot say  # noqa: BLE001
+        return None
+
+
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, reason: str, run_dir: Path):
         super().__init__(f"stage {stage} failed: {reason}")
@@ -170,7 +184,9 @@ def finetune(config_path: str | None = "configs/default.yaml", overrides: list[s
     hide_tracebacks_of_permanent_errors()
     config = load_config(Path(config_path) if config_path else None, overrides or [])
     check_hardware(config)  # before any stage: a paged optimizer on a CPU worker fails here, not in train
-    record = RunRecord.begin(config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()))
+    record = RunRecord.begin(
+        config, config_path, run_name=flow_run.get_name() or "local", flow_run_id=str(flow_run.get_id()), flow_run_state=_prefect_state
+    )
     print(f"run record: {record.run_dir}")
     try:
         return _run(record, config)

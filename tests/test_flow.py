@@ -216,9 +216,16 @@ def test_a_key_that_cannot_be_computed_fails_the_run_instead_of_running_uncached
     assert not set(_task_states(record["flow_run_id"])) & set(STAGES)  # no stage task ran, cached or not
 
 
-def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_server, tiny_overrides, workspace):
+def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_server, tiny_overrides, workspace, first):
+    """Also: the run's start finds the records of runs elsewhere that can never finish (another host's,
+    whose flow run the server knows has ended) and marks them crashed, with when they were last seen."""
     from flows.finetune_flow import StageFailed, finetune
 
+    for name, flow_run_id in (("lost", first["flow_run_id"]), ("unknown", "00000000-0000-0000-0000-000000000000")):
+        (workspace / "runs" / name).mkdir(parents=True)
+        (workspace / "runs" / name / "run.json").write_text(json.dumps({
+            "run_name": name, "status": "running", "flow_run_id": flow_run_id, "updated_at": "2026-12-01T03:00:00Z",
+            "process": {"host": "a-machine-that-was-lost", "pid": 4242}}))  # fmt: skip
     (workspace / "models").mkdir()
     (workspace / "models" / "champion.json").write_text('{"current": {"model_dir": "/models/a"}, "hist')
 
@@ -230,6 +237,10 @@ def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_se
     record = json.loads((failure.value.run_dir / "run.json").read_text())
     assert (record["status"], record["stages"]) == ("failed", {})
     assert record["error"] == f"champion: {failure.value.reason}"
+    lost, unknown = (json.loads((workspace / "runs" / name / "run.json").read_text()) for name in ("lost", "unknown"))
+    assert lost["status"] == "crashed" and unknown["status"] == "running"  # the server knows nothing of the second
+    assert lost["error"].startswith("the run's process (pid 4242 on a-machine-that-was-lost) never finished this record; Prefect reports its flow run COMPLETED")
+    assert "; last seen alive at 2026-12-01T03:00:00Z;" in lost["error"]
 
 
 def _cli(*args: str) -> "subprocess.CompletedProcess":

@@ -29,5 +29,5 @@ def test_a_running_record_whose_process_is_gone_is_marked_crashed_and_no_other(t
     status = {p.parent.name: json.loads(p.read_text())["status"] for p in tmp_path.glob("*/run.json")}
     assert status == {"killed": "crashed", "alive": "running", "elsewhere": "running", "finished": "completed"}
     error = json.loads((tmp_path / "killed" / "run.json").read_text())["error"]
-    assert f"pid {int(gone)} on {host}" in error and "run again to resume" in error
+    assert f"pid {int(gone)} on {host}" in error and "run again to resume" in error and "; last seen alive at 20" in error
     assert reconcile_crashed(tmp_path) == []  # once

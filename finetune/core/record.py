@@ -12,6 +12,7 @@ import platform
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -72,8 +73,12 @@ class RunRecord:
     process: dict[str, Any] = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
 
     @classmethod
-    def begin(cls, config: FinetuneConfig, config_path: str | None, run_name: str, flow_run_id: str) -> RunRecord:
-        reconcile_crashed(Path(config.paths.runs_dir))  # earlier runs whose process died are marked as such
+    def begin(
+        cls, config: FinetuneConfig, config_path: str | None, run_name: str, flow_run_id: str,
+        flow_run_state: Callable[[str], str | None] | None = None,
+    ) -> RunRecord:  # fmt: skip
+        """A new record, `running`; earlier records whose run died are marked crashed first (reconcile_crashed)."""
+        reconcile_crashed(Path(config.paths.runs_dir), flow_run_state)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         run_dir = Path(config.paths.runs_dir) / f"{stamp}-{run_name}"
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -142,6 +147,7 @@ class RunRecord:
             "config_path": self.config_path,
             "started_at": self.started_at,
             "seconds": round(time.monotonic() - self.started, 2),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # last seen alive, while it runs
             "stages": self.stages,
             "promotion": self.promotion,
             "data_changes": self.data_changes,
@@ -174,10 +180,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reconcile_crashed(runs_dir: Path) -> list[Path]:
-    """Mark as crashed every record still `running` whose process, on this host, is gone (killed, or its
-    machine restarted): nothing else will ever finish it. Records of other hosts are left to their own.
-    Returns the record folders it changed."""
+ENDED_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}  # Prefect's final state types
+
+
+def _last_seen(record: dict, path: Path) -> str:
+    """When the record was last written by its run: its `updated_at`, or the file's time for older records."""
+    return record.get("updated_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+
+
+def reconcile_crashed(runs_dir: Path, flow_run_state: Callable[[str], str | None] | None = None) -> list[Path]:
+    """Mark as crashed every record still `running` that its run can no longer finish: its process, on this
+    host, is gone (killed, or its machine restarted); or, for a run of another host, the Prefect server that
+    `flow_run_state(flow_run_id)` asks says its flow run has ended (a machine lost with its worker: the
+    server marks the run Crashed when its heartbeats stop). Each says when the run was last seen alive.
+    Records of other hosts are otherwise left to their own. Returns the record folders it changed."""
     host, changed = socket.gethostname(), []
     for path in sorted(Path(runs_dir).glob("*/run.json")):
         try:
@@ -185,13 +201,19 @@ def reconcile_crashed(runs_dir: Path) -> list[Path]:
         except (OSError, json.JSONDecodeError):
             continue  # a record being written right now, or not a record
         process = record.get("process") or {}
-        if record.get("status") != "running" or process.get("host") != host or _alive(int(process.get("pid", 0))):
+        if record.get("status") != "running":
             continue
+        if process.get("host") == host:
+            if _alive(int(process.get("pid", 0))):
+                continue
+            why = f"the run's process (pid {process['pid']} on {host}) ended without finishing this record: it was killed or its machine stopped"
+        else:
+            state = flow_run_state(str(record.get("flow_run_id"))) if flow_run_state and record.get("flow_run_id") else None
+            if state not in ENDED_STATES:
+                continue
+            why = f"the run's process (pid {process.get('pid')} on {process.get('host')}) never finished this record; Prefect reports its flow run {state}"
         record["status"] = "crashed"
-        record["error"] = (
-            f"the run's process (pid {process['pid']} on {host}) ended without finishing this record: it was killed "
-            "or its machine stopped; run again to resume from the stages and checkpoints it left"
-        )
+        record["error"] = f"{why}; last seen alive at {_last_seen(record, path)}; run again to resume from the stages and checkpoints it left"
         write_text_atomic(path, json.dumps(record, indent=2))
         changed.append(path.parent)
     return changed
