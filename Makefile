@@ -20,6 +20,9 @@ K8S_TEMPLATE := deploy/kubernetes-gpu-job-template.json
 TRAINING_SLOT := finetune-training
 # Automations on the server (deploy/automations.yaml): a run whose process died with its worker is marked Crashed.
 AUTOMATIONS := deploy/automations.yaml
+# Alerts: `make deploy NOTIFY_BLOCK=<block type slug>/<name>` (a Slack, Teams, webhook or e-mail notification block you
+# created) adds automations that notify on a failed or crashed retrain and on a promotion (deploy/alerts.py).
+NOTIFY_BLOCK ?=
 
 .PHONY: venv demo test faults clean server deploy worker
 
@@ -64,6 +67,7 @@ deploy: venv  ## pools, training slot and deployments; run again after editing p
 	for name in $$($(BIN)/python -c "import yaml; print(' '.join(a['name'] for a in yaml.safe_load(open('$(AUTOMATIONS)'))['automations']))"); do \
 	  $(BIN)/prefect --no-prompt automation delete "$$name" >/dev/null 2>&1 || true; done
 	$(BIN)/prefect automation create --from-file $(AUTOMATIONS)
+	if [ -n "$(NOTIFY_BLOCK)" ]; then $(BIN)/python deploy/alerts.py "$(NOTIFY_BLOCK)"; fi
 	$(BIN)/prefect --no-prompt deploy --all
 
 worker: venv  ## a process worker: runs the scheduled and triggered flow runs from this checkout

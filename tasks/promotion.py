@@ -10,6 +10,7 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
 from finetune.core.champion import gate
@@ -59,4 +60,20 @@ def promote_task(
     get_run_logger().info("promotion: %s (%s)", decision["decision"], decision["reason"])
     create_markdown_artifact(promotion_markdown(decision), key="promotion", description="Candidate vs champion")
     publish_history(Path(models_dir))
+    _announce(Path(models_dir), decision, run_name)
     return decision
+
+
+def _announce(models_dir: Path, decision: dict, run_name: str) -> None:
+    """The decision as a Prefect event, `finetune.champion.<decision>` (promoted, kept, no-change), about the
+    champion of `models_dir`: automations can act on it (`make deploy NOTIFY_BLOCK=...` alerts on promotions)."""
+    from prefect.runtime import flow_run
+
+    related = [{"prefect.resource.id": f"prefect.flow-run.{flow_run.get_id()}", "prefect.resource.role": "flow-run",
+                "prefect.resource.name": str(flow_run.get_name())}] if flow_run.get_id() else []  # fmt: skip
+    emit_event(
+        event=f"finetune.champion.{decision['decision'].replace(' ', '-')}",
+        resource={"prefect.resource.id": f"finetune.champion.{models_dir.resolve()}", "prefect.resource.name": str(models_dir)},
+        related=related,
+        payload={"run_name": run_name, "decision": decision["decision"], "reason": decision["reason"], "model_dir": str(decision["candidate_dir"])},
+    )

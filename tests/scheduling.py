@@ -11,9 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -50,10 +52,51 @@ def stop(*processes: subprocess.Popen | None) -> None:
             process.wait()
 
 
+class WebhookReceiver:
+    """An HTTP endpoint on loopback that keeps the JSON of every POST it receives: where the alerts go."""
+
+    def __init__(self) -> None:
+        received: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.received = received
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 90) -> dict:
+        """The first message whose subject or body contains `text`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in list(self.received):
+                if text in message.get("subject", "") + message.get("body", ""):
+                    return message
+            time.sleep(0.5)
+        pytest.fail(f"no alert with {text!r} in {timeout} s; received: {self.received}")
+
+
+# A custom-webhook notification block, as a user creates it (here in Python; the UI's Blocks page does the same).
+_SAVE_BLOCK = (
+    "import sys; from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+    "B(name='finetune-alerts', url=sys.argv[1], json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('finetune-alerts')"
+)
+
+
 @contextmanager
-def service(tmp_path_factory, tiny_model_dir: Path, worker_env: dict[str, str] | None = None) -> Iterator[dict]:
+def service(
+    tmp_path_factory, tiny_model_dir: Path, worker_env: dict[str, str] | None = None, alerts: WebhookReceiver | None = None
+) -> Iterator[dict]:
     """Server, pools, training slot, automations, deployments and a worker, each started the way the README
-    says; `worker_env`: extra environment of the worker (and so of the flow runs it starts)."""
+    says; `worker_env`: extra environment of the worker (and so of the flow runs it starts); `alerts`: a
+    receiver that a notification block is made for, named in `make deploy NOTIFY_BLOCK=...`."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -72,7 +115,12 @@ def service(tmp_path_factory, tiny_model_dir: Path, worker_env: dict[str, str] |
 
     try:
         start_server()
-        deployed = subprocess.run(["make", "-s", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        notify = []
+        if alerts is not None:
+            saved = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", _SAVE_BLOCK, alerts.url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert saved.returncode == 0, saved.stderr[-2000:]
+            notify = ["NOTIFY_BLOCK=custom-webhook/finetune-alerts"]
+        deployed = subprocess.run(["make", "-s", "deploy", *notify], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", **(worker_env or {})}
 

@@ -21,6 +21,7 @@ from tests.scheduling import (
     PREFECT,
     run_record,
     service,
+    WebhookReceiver,
     slots_taken,
     stage_states,
     task_states,
@@ -32,8 +33,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def scheduling(tmp_path_factory, tiny_model_dir):
-    with service(tmp_path_factory, tiny_model_dir) as running:
+def alerts() -> WebhookReceiver:
+    return WebhookReceiver()
+
+
+@pytest.fixture(scope="module")
+def scheduling(tmp_path_factory, tiny_model_dir, alerts):
+    with service(tmp_path_factory, tiny_model_dir, alerts=alerts) as running:
         yield running
 
 
@@ -44,7 +50,7 @@ def first_run(scheduling) -> tuple[str, dict]:
     return flow_run_id, wait(scheduling, flow_run_id)
 
 
-def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_change(scheduling, first_run):
+def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_change(scheduling, first_run, alerts):
     first_id, first = first_run
 
     assert first["state"]["type"] == "COMPLETED", first["state"]
@@ -52,6 +58,8 @@ def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_cha
     record = run_record(scheduling, first_id)
     assert set(stage_states(record).values()) == {"completed"}
     assert record["promotion"]["decision"] == "promoted"
+    promoted = alerts.wait_for(f"{record['run_name']} promoted")  # make deploy NOTIFY_BLOCK=...: the automation's notification
+    assert promoted["body"].startswith(f"The retrain {record['run_name']} is the new champion (") and "no champion yet" in promoted["body"]
 
     second_id = trigger(scheduling)
     second = wait(scheduling, second_id)
@@ -82,13 +90,15 @@ def test_two_runs_triggered_together_never_train_at_once(scheduling):
     assert len(history) == 1 + sum(r["promotion"]["decision"] == "promoted" for r in records)  # no promotion lost
 
 
-def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(scheduling):
+def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(scheduling, alerts):
     outputs = scheduling["workspace"] / "outputs-retry"
     outputs.mkdir()
     (outputs / "merge").write_text("a file where merge's folder of outputs belongs")  # merge cannot write
     flow_run_id = trigger(scheduling, f"paths.output_dir={outputs}", "train.seed=3", "train.epochs=0.25")
     failed = wait(scheduling, flow_run_id)
     assert failed["state"]["type"] == "FAILED"
+    alert = alerts.wait_for(f"finetune run {failed['name']}: Failed")
+    assert alert["body"].startswith(f"The retrain {failed['name']} ended Failed: ") and "stage merge failed" in alert["body"]
     record = run_record(scheduling, flow_run_id)
     assert stage_states(record)["train"] == "completed" and stage_states(record)["merge"] == "failed"
     trained = json.loads(Path(record["stages"]["train"]["output_dir"], "summary.json").read_text())["trained_from"]
