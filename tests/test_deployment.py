@@ -169,6 +169,13 @@ def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, f
         expect(curve).to_be_visible()
         assert curve.evaluate("image => image.complete && image.naturalWidth") > 0
         page.screenshot(path=tmp_path / "training-curve.png", full_page=True)
+
+        open_artifact("retraining-history")  # the keyed artifact: the history as of this run, with its picture
+        history = page.get_by_role("img", name="held-out loss across retrains")
+        expect(history).to_be_visible()
+        assert history.evaluate("image => image.complete && image.naturalWidth") > 0
+        expect(page.get_by_role("row").filter(has_text=record["run_name"])).to_contain_text("promoted")
+        page.screenshot(path=tmp_path / "retraining-history.png", full_page=True)
         browser.close()
 
 
