@@ -31,7 +31,7 @@ def history_markdown(entries: list[dict[str, Any]], unreadable: list[int], image
     """The history as markdown: the picture (a data URI image, when given), then one row per decision."""
     rows = history_rows(entries)
     lines = ["# Retraining history", "", image.rstrip(), ""] if image else ["# Retraining history", ""]
-    lines += [f"{len(rows)} decisions, oldest first; promotions replace the champion, rollbacks put an earlier one back.", ""]
+    lines += [f"{len(rows)} decision{'' if len(rows) == 1 else 's'}, oldest first; promotions replace the champion, rollbacks put an earlier one back.", ""]
     if rows:
         lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(row.values()) + " |" for row in rows]

@@ -95,6 +95,7 @@ def history_chart(entries: list[dict[str, Any]]) -> bytes:
     axes.set_ylabel("held-out loss per response token")
     axes.set_title("Retraining history")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlim(0.5, len(entries) + 0.5)
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     return _png(figure)
