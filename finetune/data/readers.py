@@ -10,8 +10,9 @@ from a file's first record (or its header) and then required of every row:
 | instruction/response | instruction, response |
 | prompt/completion | prompt, completion |
 | input/output | input, output |
-| alpaca | instruction, input (may be empty), output |
-| chat | messages: user and assistant turns in turn, any number of exchanges, an optional system turn first |
+| alpaca | instruction, input (may be empty), output; LLaMA-Factory's optional system and history ([[instruction, response], ...] before it) |
+| chat | messages of role and content: user and assistant turns in turn, any number of exchanges, an optional system turn first (Hugging Face chat datasets; OpenAI's chat fine-tuning files, whose `weight` must be 1 where given) |
+| sharegpt | conversations of from and value: human and gpt (or user and assistant) in turn, an optional system turn first or a system field (Axolotl's and LLaMA-Factory's sharegpt) |
 
 A row is its last exchange (instruction, response) and the exchanges before it (`history`: user,
 assistant, user, assistant, ...; empty for the single-exchange layouts). A system turn's text opens the
@@ -68,11 +69,13 @@ class Layout:
 # Most specific first: an alpaca record also has the fields of input/output.
 LAYOUTS = (
     Layout("chat", ("messages",)),
+    Layout("sharegpt", ("conversations",)),
     Layout("alpaca", ("instruction", "input", "output")),
     Layout("instruction/response", ("instruction", "response")),
     Layout("prompt/completion", ("prompt", "completion")),
     Layout("input/output", ("input", "output")),
 )
+INSTRUCTION_RESPONSE = next(layout for layout in LAYOUTS if layout.name == "instruction/response")
 UNDERSTOOD = "; ".join(f"{layout.name} ({', '.join(layout.fields)})" for layout in LAYOUTS)
 
 
@@ -113,13 +116,42 @@ def _text_problem(name: str, value: Any) -> str | None:
     return None
 
 
+# ShareGPT speakers (Axolotl, LLaMA-Factory, FastChat) as chat roles; tool calls and their results are not trained on here.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
+
+
+def _listed(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value  # a Parquet list cell reads back as an array
+
+
+def sharegpt_messages(record: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
+    """A ShareGPT record's turns ({from, value}) as chat messages ({role, content}), its `system` field
+    first where it has one; or (None, reason)."""
+    turns = _listed(record["conversations"])
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None, "conversations must be a list of {from, value} objects"
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            return None, (
+                f"conversations: a turn from {turn.get('from')!r}; understood speakers are human and gpt (or user and "
+                "assistant), with an optional system turn first (tool calls and observations are not trained on)"
+            )
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages, None
+
+
 def chat_turns(messages: Any) -> tuple[list[str] | None, str | None]:
     """(texts of the turns: user, assistant, user, ..., assistant; None) or (None, reason) for a chat
-    record's messages. A system turn may come first; its text opens the first user turn."""
-    if hasattr(messages, "tolist"):  # a Parquet list cell
-        messages = messages.tolist()
+    record's messages. A system turn may come first; its text opens the first user turn. An OpenAI
+    `weight` of 0 on an assistant turn (that turn not trained on) is refused: every turn here is trained."""
+    messages = _listed(messages)
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None, "messages must be a list of {role, content} objects"
+    if any(m.get("weight") not in (None, 1) for m in messages):
+        return None, ("an assistant turn has weight 0 (OpenAI: not trained on); every assistant turn is trained here: "
+                      "set weight 1, or end the conversation before that turn")  # fmt: skip
     system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
     turns = messages[1:] if system is not None else messages
     roles = [m.get("role") for m in turns]
@@ -144,8 +176,9 @@ def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | N
     if not layout.matches(set(record)):
         return None, f"missing field(s) {sorted(set(layout.fields) - set(record))} of the {layout.name} layout"
     history: list[str] = []
-    if layout.name == "chat":
-        texts, reason = chat_turns(record["messages"])
+    if layout.name in ("chat", "sharegpt"):
+        messages, reason = (record["messages"], None) if layout.name == "chat" else sharegpt_messages(record)
+        texts, reason = chat_turns(messages) if messages is not None else (None, reason)
         if texts is None:
             return None, reason
         *history, instruction, response = texts
@@ -157,6 +190,24 @@ def _to_pair(record: dict[str, Any], layout: Layout) -> tuple[dict[str, Any] | N
         if isinstance(instruction, str) and extra and extra.strip():
             instruction = f"{instruction}\n\n{extra}"
         response = record["output"]
+        earlier = _listed(record.get("history")) or []  # LLaMA-Factory: [[instruction, response], ...] before this one
+        if not isinstance(earlier, list) or not all(isinstance(p, (list, tuple)) or hasattr(p, "tolist") for p in earlier):
+            return None, "history must be a list of [instruction, response] pairs"
+        earlier = [_listed(pair) for pair in earlier]
+        if any(len(pair) != 2 for pair in earlier):
+            return None, "history must be a list of [instruction, response] pairs"
+        history = [text for pair in earlier for text in pair]
+        for number, text in enumerate(history):
+            if problem := _text_problem(f"history[{number // 2}][{number % 2}]", text):
+                return None, problem
+        system = record.get("system")
+        if system is not None and (problem := _text_problem("system", system)):
+            return None, problem
+        if system and visible_text(system) and isinstance(instruction, str):  # opens the first user turn, as in chat
+            if history:
+                history[0] = system.strip() + SYSTEM_SEPARATOR + history[0]
+            else:
+                instruction = system.strip() + SYSTEM_SEPARATOR + instruction
     else:
         instruction, response = (record[name] for name in layout.fields)
     topic = record.get("topic")
@@ -309,7 +360,7 @@ def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[
             result.reject(path, number, f"a block needs exactly one {answer} line, found {body.count(answer)}")
             continue
         instruction, response = (part.strip() for part in body.split(answer))
-        row, reason = _to_pair({"instruction": instruction, "response": response}, LAYOUTS[2])
+        row, reason = _to_pair({"instruction": instruction, "response": response}, INSTRUCTION_RESPONSE)
         if row is None:
             result.reject(path, number, reason)
         else:
