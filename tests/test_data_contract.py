@@ -55,8 +55,8 @@ CASES = [
     ("a list instead of an object", "a.jsonl", jsonl(GOOD, [1, 2]), "reject:a JSON object is expected, got list"),
     ("a row missing a field of the layout", "a.jsonl", jsonl(GOOD, {"instruction": "Why?", "topic": "education"}), "reject:missing field(s) ['response'] of the instruction/response layout"),
     ("nesting too deep", "a.jsonl", jsonl(GOOD, b"[" * 100_000 + b"]" * 100_000), "reject:malformed JSON: nested too deeply"),
-    ("an empty file", "a.jsonl", b"", "error:the file is empty"),
-    ("a whitespace-only file", "a.jsonl", b"\n \n\t\n", "error:the file is empty"),
+    ("an empty file", "a.jsonl", b"", "ok:0"),  # an upstream export with nothing new today: listed with 0 rows
+    ("a whitespace-only file", "a.jsonl", b"\n \n\t\n", "ok:0"),
     ("a chat record with two user turns", "a.jsonl",
      jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "topic": "education"},
            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}),
@@ -88,11 +88,11 @@ def test_bad_input_has_its_exact_outcome(tmp_path, case, name, content, outcome)
 
     if kind == "error":
         with pytest.raises(DataError) as error:
-            load_rows([path], config, PROMPT)
+            load_rows([path], config, PROMPT, empty_ok=True)  # as prepare reads training files
         assert str(error.value).startswith(str(path))
         assert expected in str(error.value)
         return
-    rows, rejected = load_rows([path], config, PROMPT)
+    rows, rejected = load_rows([path], config, PROMPT, empty_ok=True)
     if kind == "ok":
         assert (len(rows), rejected) == (int(expected), [])
         assert not rows.instruction.str.contains("\r").any()

@@ -114,3 +114,22 @@ def test_key_changes_with_data_and_config_only(workspace):
     with (raw / "education.jsonl").open("a") as handle:
         handle.write(_row("A new question?") + "\n")
     assert key != prepare_dataset.key(prepare_inputs(raw, heldout, DataConfig()))
+
+
+def test_an_empty_file_is_listed_with_no_rows_and_a_folder_of_empty_files_stops_prepare(workspace):
+    """An upstream export with nothing new today is an empty file: listed with 0 rows, the night's run goes
+    on. When every file is empty there is nothing to train on, and prepare says so."""
+    raw, heldout = workspace / "data/raw", workspace / "data/eval/heldout.jsonl"
+    (raw / "2026-12-02.jsonl").write_text("")
+
+    out = prepare_dataset(prepare_inputs(raw, heldout), workspace / "processed")
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_rows"] == 104
+    assert {"file": str(raw / "2026-12-02.jsonl"), "rows": 0, "rejected": 0} in report["files"]
+    assert "| 2026-12-02.jsonl | 0 | 0 |" in (out / "report.md").read_text()
+
+    for path in raw.iterdir():
+        path.write_text("")
+    with pytest.raises(DataError, match=r"data/raw: no rows in any data file \(each is empty\); add pairs, or check the job"):
+        prepare_dataset(prepare_inputs(raw, heldout), workspace / "processed")

@@ -386,16 +386,20 @@ def _file_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: not a readable {name} file ({type(error).__name__}: {error})") from None
 
 
-def read_chunks(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> Iterator[ReadResult]:
+def read_chunks(path: Path, markers: tuple[str, str] = SEED_MARKERS, empty_ok: bool = False) -> Iterator[ReadResult]:
     """Rows and rejects of one data file, in chunks of at most CHUNK_ROWS rows (rejects go with the chunk
     being read); a DataError if the file as a whole cannot be used. `markers` open the instruction and
-    the response of a block in a .txt file."""
+    the response of a block in a .txt file. `empty_ok`: a file with nothing in it has no rows (an upstream
+    export with nothing new today) instead of being an error."""
     path = Path(path)
     suffix = format_of(path)
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; use one of {READABLE}")
     data = _file_bytes(path)
     if suffix != ".parquet" and not data.strip(b" \t\r\n\xef\xbb\xbf"):
+        if empty_ok:
+            yield ReadResult()
+            return
         raise DataError(f"{path}: the file is empty; add pairs or remove it")
     result = ReadResult()
     if suffix == ".txt":

@@ -42,12 +42,13 @@ class PrepareInputs:
 COLUMNS = ["instruction", "response", "history", "topic", "source_file", "source_line"]
 
 
-def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat) -> tuple[pd.DataFrame, list[dict]]:
+def load_rows(files: list[Path], cfg: DataConfig, prompt: PromptFormat, empty_ok: bool = False) -> tuple[pd.DataFrame, list[dict]]:
     """The valid rows of `files`, trimmed, and the rejects; read, validated and made columns chunk by chunk
-    (readers.CHUNK_ROWS), so that only one chunk is ever held as Python dicts."""
+    (readers.CHUNK_ROWS), so that only one chunk is ever held as Python dicts. `empty_ok`: an empty file
+    has no rows rather than being an error (training files; the data report lists it with 0 rows)."""
     frames, rejected = [], []
     for path in files:
-        for chunk in read_chunks(path, prompt.line_markers or SEED_MARKERS):
+        for chunk in read_chunks(path, prompt.line_markers or SEED_MARKERS, empty_ok):
             frame = pd.DataFrame(chunk.rows, columns=COLUMNS).astype({"source_line": "int64"})
             chunk.rows.clear()
             frame, invalid = validate_rows(frame, cfg, prompt)
@@ -68,7 +69,9 @@ def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dic
     cfg = inputs.data
     total = len(train) + len(rejected) + duplicates
     listed = ", ".join(f"{r['source_file']}:{r['source_line']} ({r['reason']})" for r in rejected[:3])
-    if total and len(rejected) / total > cfg.max_reject_share:
+    if not total:
+        raise DataError(f"{inputs.raw_dir}: no rows in any data file (each is empty); add pairs, or check the job that writes them")
+    if len(rejected) / total > cfg.max_reject_share:
         raise DataError(
             f"{len(rejected)} of {total} rows rejected, over data.max_reject_share={cfg.max_reject_share}: "
             f"{listed}. Fix those rows or raise the limit."
@@ -107,7 +110,7 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     prompt = PromptFormat(inputs.template)
     files = data_files(inputs.raw_dir, tuple(inputs.data.exclude))
     evaluation, eval_duplicates = _load_heldout(inputs, prompt)
-    train, rejected = load_rows(files, inputs.data, prompt)
+    train, rejected = load_rows(files, inputs.data, prompt, empty_ok=True)  # a source with no rows at all fails below
     train, context, leaks, duplicates = drop_duplicates_and_leaks(train, evaluation, context_keys(train))
     train, conflicting, conflicts, left_out = resolve_conflicts(train, context, inputs.data.conflicts)
     del context
