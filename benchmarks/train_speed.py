@@ -16,6 +16,7 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `fast_rows_4096`: the fast step with packed rows of at most 4,096 tokens (`train.max_row_tokens=4096`): two
   rows per step on the long workload, for less memory;
 - `fast_fused`, `fast_fused_rows_4096`: the same with Liger's fused kernels (`train.fused_kernels=true`);
+- `fast_dequantized`: the fast step with the frozen base dequantized once into bf16 (`train.dequantized_base=true`);
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
 - `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
@@ -53,6 +54,7 @@ RECIPES = {
     "fast_rows_4096": ["train.max_row_tokens=4096"],
     "fast_fused": ["train.fused_kernels=true"],
     "fast_fused_rows_4096": ["train.fused_kernels=true", "train.max_row_tokens=4096"],
+    "fast_dequantized": ["train.dequantized_base=true"],
     "low_memory": ["train.gradient_checkpointing=true"],
     "fast_2_gpus": ["train.num_gpus=2"],
 }

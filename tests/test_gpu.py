@@ -258,3 +258,33 @@ def test_fused_kernels_train_the_steps_of_the_unfused_step(workspace, tiny_model
     difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
     print(f"fused: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
     assert difference < 2e-2, losses
+
+
+def test_a_dequantized_base_trains_the_steps_of_the_4bit_base(workspace, tiny_model_dir):
+    """train.dequantized_base: the frozen NF4 weights dequantized once into bf16 instead of at every forward and
+    backward. 13 steps of long examples packed through the variable-length kernel, bf16, dropout off: every
+    adapted and frozen linear layer is dequantized, and the losses are those of the 4-bit base."""
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    rng = __import__("random").Random(1)
+    lengths = [rng.randint(130, 512) for _ in range(104)]
+    losses, summaries = {}, {}
+    for dequantized in ("false", "true"):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.dequantized_base={dequantized}",
+        ])  # fmt: skip
+        root = workspace / f"dequantized-{dequantized}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
+        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
+        summaries[dequantized] = json.loads((train_dir / "summary.json").read_text())
+        losses[dequantized] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+
+    assert summaries["true"]["dequantized_layers"] == 2 * 7 and summaries["false"]["dequantized_layers"] == 0  # q,k,v,o,gate,up,down x 2
+    assert summaries["true"]["step_layout"] == summaries["false"]["step_layout"] == "varlen"
+    assert len(losses["true"]) == len(losses["false"]) == 13
+    difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
+    print(f"dequantized: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
+    assert difference < 1e-3, losses

@@ -65,6 +65,37 @@ def load_base(model_dir: Path, quant: QuantConfig):
     return model
 
 
+class DequantizedLinear(torch.nn.Linear):
+    """A frozen 4-bit linear layer dequantized once into its compute dtype: the forward bitsandbytes computes
+    for a batch of rows (dequantize, then a dense matmul in the compute dtype, the output in the input's dtype),
+    without dequantizing again at every forward and backward. A subclass of nn.Linear, so peft wraps it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def dequantize_frozen_base(model) -> int:
+    """Replace every 4-bit linear layer of `model` by a DequantizedLinear holding its weights dequantized into
+    the layer's compute dtype (train.dequantized_base: 16-bit memory for the frozen weights, for speed);
+    returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = module.weight.quant_state
+        dtype = module.compute_dtype or state.dtype
+        dense = DequantizedLinear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        dense.weight = torch.nn.Parameter(bnb.functional.dequantize_4bit(module.weight.data, state).to(dtype), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        replaced += 1
+    return replaced
+
+
 def inference_attention():
     """The attention kernels of evaluation's forward passes. On CUDA, flash or memory-efficient attention and
     not cuDNN's, which builds a plan for every new shape: each decoding step has a new key length, and the

@@ -33,7 +33,7 @@ from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
-from finetune.training.modeling import load_base
+from finetune.training.modeling import dequantize_frozen_base, load_base
 
 # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
 _SFT_FIELDS = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -129,6 +129,8 @@ def load_model_with_lora(model_dir: Path, quant: QuantConfig, lora: LoraConfig, 
     base_bytes = model.get_memory_footprint()
     if quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recomputes_activations(train))
+        if train.dequantized_base and torch.cuda.is_available():  # after the fp32 cast of the rest, as for 4-bit
+            dequantize_frozen_base(model)
     set_seed(train.seed)  # the adapter's random init happens here, before the Trainer seeds anything
     adapters = PeftLoraConfig(
         r=lora.r,
