@@ -300,9 +300,10 @@ class TrainConfig(Section):
     dequantized_base: bool = Field(
         False,
         description="On a CUDA GPU: dequantize the frozen 4-bit base once into the compute dtype after loading, "
-        "instead of at every forward and backward (what bitsandbytes does for a batch of rows): the same numbers, "
-        "the frozen weights then take 16-bit memory (13.5 GB for a 7B model against 3.9). An opt-in trade of "
-        "memory for speed; ignored on the CPU and without quant.load_in_4bit.",
+        "instead of at every forward and backward (what bitsandbytes does for a batch of rows): the same computation up "
+        "to rounding, 1.19x the long workload's tokens/s on an H200 (7B shape), and the frozen weights in 16-bit "
+        "memory (13.5 GB for a 7B model against 3.9). An opt-in trade of memory for speed; ignored on the CPU and "
+        "without quant.load_in_4bit.",
     )
     gradient_checkpointing: bool | None = Field(
         None,
