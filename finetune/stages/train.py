@@ -205,7 +205,7 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Train a LoRA adapter on the frozen (4-bit) base in this process (or as one rank of several: then
     rank 0 writes); write adapter/, log_history.json, summary.json."""
     from finetune.training import recipe  # torch, transformers, peft, trl
-    from finetune.training.modeling import DequantizedLinear, device_name, pick_compute_dtype
+    from finetune.training.modeling import device_name, pick_compute_dtype
 
     started = time.monotonic()
     ranks = int(os.environ.get("WORLD_SIZE", "1"))  # above 1: this process is one of them (finetune/stages/train_rank.py)
@@ -247,8 +247,7 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         "micro_batch": [plan.batch_size, plan.grad_accum],
         "ranks": ranks,
         "step_layout": "padded" if getattr(trainer, "graph_failed", False) else plan.layout,
-        "fused_modules": recipe.fused_module_count(model),
-        "dequantized_layers": sum(isinstance(m, DequantizedLinear) for m in model.modules()),
+        **recipe.kernel_counts(model),
         "micro_batch_adjustments": adjustments,
         "base_memory_bytes_loaded": int(base_bytes),
         "peak_memory_bytes": int(peak),

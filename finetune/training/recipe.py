@@ -33,7 +33,7 @@ from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
-from finetune.training.modeling import dequantize_frozen_base, load_base
+from finetune.training.modeling import DequantizedLinear, dequantize_frozen_base, load_base
 
 # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
 _SFT_FIELDS = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -220,6 +220,11 @@ def model_module_restored(model):
         for name, value in saved.items():
             if vars(module).get(name) is not value:
                 setattr(module, name, value)
+
+
+def kernel_counts(model) -> dict[str, int]:
+    """What the run's speed levers changed in `model`: Liger's fused modules, the base's dequantized layers."""
+    return {"fused_modules": fused_module_count(model), "dequantized_layers": sum(isinstance(m, DequantizedLinear) for m in model.modules())}
 
 
 def fused_module_count(model) -> int:
