@@ -230,3 +230,18 @@ def test_every_decision_is_in_the_history_and_a_rollback_puts_an_earlier_champio
     shutil.rmtree(first)
     with pytest.raises(RollbackError, match=f"{first}: the model of run run-1 is gone; pick another with --to"):
         rollback(models, "run-1")
+
+
+def test_the_history_starts_with_the_promotions_the_record_held_before_it_was_kept(tmp_path):
+    """A models folder from before history.jsonl: its first decision writes the record's promotions first."""
+    models, first, second, third = tmp_path / "models", _model(tmp_path, "a"), _model(tmp_path, "b"), _model(tmp_path, "c")
+    gate(models, first, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1")
+    gate(models, second, {"loss": 2.0, "format_adherence": 1.0}, first, {"loss": 3.0, "format_adherence": 1.0}, CFG, "run-2")
+    (models / "history.jsonl").unlink()  # as an older version left it: champion.json only
+
+    gate(models, third, {"loss": 2.5, "format_adherence": 1.0}, second, {"loss": 2.0, "format_adherence": 1.0}, CFG, "run-3")
+
+    entries, _ = read_history(models)
+    assert [(e["run_name"], e["decision"], e.get("from_record", False)) for e in entries] == [
+        ("run-1", PROMOTED, True), ("run-2", PROMOTED, True), ("run-3", KEPT, False)]
+    assert entries[1]["candidate"] == {"loss": 2.0, "format_adherence": 1.0} and entries[1]["champion_dir"] == str(first.resolve())

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from finetune.core.config import PromoteConfig
 from finetune.core.errors import InternalError, PermanentError
-from finetune.core.history import append
+from finetune.core.history import HISTORY, append
 from finetune.core.outputs import write_text_atomic
 
 RECORD = "champion.json"
@@ -131,12 +131,26 @@ def gate(
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(models_dir / ".champion.lock"):
+        _backfill_history(models_dir)
         decision = _decide_and_promote(models_dir, candidate_dir, candidate, scored_dir, champion, cfg, run_name, compared)
         append(models_dir, {
             "at": _now(), "run_name": run_name, **(about or {}), "model_dir": str(candidate_dir),
             **{name: decision.get(name) for name in ("decision", "reason", "candidate", "champion", "champion_dir", "compared", "rule")},
         })  # fmt: skip
         return decision
+
+
+def _backfill_history(models_dir: Path) -> None:
+    """Before the first line of history.jsonl: the promotions champion.json already holds (from before the
+    history was kept), oldest first, so that the history starts with the first champion."""
+    if (models_dir / HISTORY).exists() or (record := read_record(models_dir)) is None:
+        return
+    for entry in record["history"]:
+        append(models_dir, {
+            "at": entry.get("promoted_at"), "run_name": entry.get("run_name"), "decision": "rollback" if entry.get("rollback") else PROMOTED,
+            "reason": entry.get("reason"), "candidate": entry.get("metrics"), "model_dir": entry.get("model_dir"),
+            "champion_dir": entry.get("replaced"), "from_record": True,
+        })  # fmt: skip
 
 
 def _now() -> str:
@@ -156,6 +170,7 @@ def rollback(models_dir: Path, to_run: str | None = None) -> dict:
         record = read_record(models_dir)
         if record is None:
             raise RollbackError(f"{models_dir / RECORD}: no champion yet, nothing to roll back to")
+        _backfill_history(models_dir)
         current = record["current"]
         earlier = [e for e in reversed(record["history"]) if not _same(Path(e["model_dir"]), Path(current["model_dir"]))]
         if to_run is not None:
