@@ -245,3 +245,21 @@ def test_the_history_starts_with_the_promotions_the_record_held_before_it_was_ke
     assert [(e["run_name"], e["decision"], e.get("from_record", False)) for e in entries] == [
         ("run-1", PROMOTED, True), ("run-2", PROMOTED, True), ("run-3", KEPT, False)]
     assert entries[1]["candidate"] == {"loss": 2.0, "format_adherence": 1.0} and entries[1]["champion_dir"] == str(first.resolve())
+
+
+def test_finetune_history_shows_the_decisions_and_names_an_unreadable_record(tmp_path):
+    models, first = tmp_path / "models", _model(tmp_path, "a")
+    gate(models, first, {"loss": 3.0, "format_adherence": 1.0}, None, None, CFG, "run-1", about={"data_key": "0123456789abcdef", "train_rows": 104})
+
+    def history() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "finetune.cli", "history", "--set", f"paths.models_dir={models}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    shown = history()
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[1].split()[1:6] == ["run-1", "promoted", "0123456789ab", "104", "3.0000"]
+    assert shown.stdout.splitlines()[-1] == f"champion: run-1 ({first.resolve()})"
+    (models / "champion.json").write_text('{"current": ')
+    damaged = history()
+    assert damaged.returncode == 1 and "run-1" in damaged.stdout  # the history is still shown
+    assert damaged.stderr.startswith(f"finetune: {models / 'champion.json'}: the champion record cannot be read (not valid JSON: Expecting value (line 1, column 13))")

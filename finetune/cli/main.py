@@ -123,7 +123,7 @@ def _publish(config, args) -> int:
 
 
 def _history(config) -> int:
-    from finetune.core.champion import read_record
+    from finetune.core.champion import ChampionRecordError, read_record
     from finetune.core.history import HISTORY, read_history
     from finetune.reporting.history import history_rows
 
@@ -138,7 +138,11 @@ def _history(config) -> int:
         print("  ".join(row[name].ljust(width) for name, width in widths.items()))
     if unreadable:
         print(f"lines {', '.join(map(str, unreadable))} of {config.paths.models_dir / HISTORY} could not be read and are left out")
-    record = read_record(config.paths.models_dir)
+    try:
+        record = read_record(config.paths.models_dir)
+    except ChampionRecordError as error:  # the history is still shown; the champion's record needs repair
+        print(f"finetune: {error}", file=sys.stderr)
+        return 1
     if record is not None:
         print(f"champion: {record['current'].get('run_name')} ({record['current']['model_dir']})")
     return 0

@@ -50,7 +50,7 @@ def _problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     except UnicodeDecodeError as error:
         return None, f"not UTF-8 text at byte {error.start}"
     except json.JSONDecodeError as error:
-        return None, f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        return None, f"not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
     if not isinstance(record, dict) or not isinstance(record.get("history"), list):
         return None, 'it needs a "history" list of promotions'
     current = record.get("current")
