@@ -161,6 +161,29 @@ def _long_tokenized(tokenized_dir, out, lengths, vocab_low=100, seed=0):
     return out
 
 
+def _train_long(workspace, tiny_model_dir, setting: str, values: tuple[str, ...], seed: int) -> dict[str, tuple[dict, list[float]]]:
+    """{value: (summary, losses)}: 13 steps of the tiny model on 104 long examples (130 to 512 tokens, drawn
+    with `seed`), bf16 with dropout off, once per value of the train config key `setting`."""
+    from finetune.core.config import load_config
+    from finetune.stages.train import train_adapter
+    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
+
+    rng = __import__("random").Random(seed)
+    lengths = [rng.randint(130, 512) for _ in range(104)]
+    runs = {}
+    for value in values:
+        config = load_config(ROOT / "configs" / "tiny.yaml", [
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"{setting}={value}",
+        ])  # fmt: skip
+        root = workspace / f"{setting.rsplit('.', 1)[-1]}-{value}"
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
+        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
+        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
+        summary = json.loads((train_dir / "summary.json").read_text())
+        runs[value] = (summary, [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())])
+    return runs
+
+
 def test_a_packed_row_through_the_varlen_kernel_computes_each_example_alone(tiny_model_dir):
     """The forward of long examples packed in one row through the variable-length kernel against each example
     on its own through sdpa (bf16): the same logits to bf16 rounding. The same row with attention reaching
@@ -200,24 +223,9 @@ def test_long_examples_packed_through_the_varlen_kernel_train_the_steps_of_the_p
     """13 steps of 8 long examples (130 to 512 tokens): one packed row through the variable-length kernel
     against the padded split without it (one example per micro-batch, sdpa), both bf16 with dropout off.
     The same examples per step and the loss over the same tokens: the losses agree to bf16 rounding."""
-    from finetune.core.config import load_config
-    from finetune.stages.train import train_adapter
-    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
-
-    rng = __import__("random").Random(0)
-    lengths = [rng.randint(130, 512) for _ in range(104)]
-    losses, layouts = {}, {}
-    for kernel in ("true", "false"):
-        config = load_config(ROOT / "configs" / "tiny.yaml", [
-            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.varlen_attention={kernel}",
-            "train.epochs=1",
-        ])  # fmt: skip
-        root = workspace / f"varlen-{kernel}"
-        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
-        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
-        layouts[kernel] = json.loads((train_dir / "summary.json").read_text())["step_layout"]
-        losses[kernel] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+    runs = _train_long(workspace, tiny_model_dir, "train.varlen_attention", ("true", "false"), seed=0)
+    layouts = {kernel: summary["step_layout"] for kernel, (summary, _) in runs.items()}
+    losses = {kernel: run_losses for kernel, (_, run_losses) in runs.items()}
 
     assert layouts == {"true": "varlen", "false": "padded"}
     assert len(losses["true"]) == len(losses["false"]) == 13
@@ -231,23 +239,9 @@ def test_fused_kernels_train_the_steps_of_the_unfused_step(workspace, tiny_model
     the variable-length kernel, against the same steps unfused: bf16, dropout off, the losses agree to rounding,
     and the fused run's modules are Liger's."""
     pytest.importorskip("liger_kernel")
-    from finetune.core.config import load_config
-    from finetune.stages.train import train_adapter
-    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
-
-    rng = __import__("random").Random(1)
-    lengths = [rng.randint(130, 512) for _ in range(104)]
-    losses, summaries = {}, {}
-    for fused in ("false", "true"):
-        config = load_config(ROOT / "configs" / "tiny.yaml", [
-            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.fused_kernels={fused}",
-        ])  # fmt: skip
-        root = workspace / f"fused-{fused}"
-        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
-        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
-        summaries[fused] = json.loads((train_dir / "summary.json").read_text())
-        losses[fused] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+    runs = _train_long(workspace, tiny_model_dir, "train.fused_kernels", ("false", "true"), seed=1)
+    summaries = {fused: summary for fused, (summary, _) in runs.items()}
+    losses = {fused: run_losses for fused, (_, run_losses) in runs.items()}
 
     assert summaries["true"]["fused_modules"] >= 3 * 2 and summaries["false"]["fused_modules"] == 0  # 2 layers: MLP, 2 norms
     from transformers.models.llama import modeling_llama
@@ -264,23 +258,9 @@ def test_a_dequantized_base_trains_the_steps_of_the_4bit_base(workspace, tiny_mo
     """train.dequantized_base: the frozen NF4 weights dequantized once into bf16 instead of at every forward and
     backward. 13 steps of long examples packed through the variable-length kernel, bf16, dropout off: every
     adapted and frozen linear layer is dequantized, and the losses are those of the 4-bit base."""
-    from finetune.core.config import load_config
-    from finetune.stages.train import train_adapter
-    from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
-
-    rng = __import__("random").Random(1)
-    lengths = [rng.randint(130, 512) for _ in range(104)]
-    losses, summaries = {}, {}
-    for dequantized in ("false", "true"):
-        config = load_config(ROOT / "configs" / "tiny.yaml", [
-            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"train.dequantized_base={dequantized}",
-        ])  # fmt: skip
-        root = workspace / f"dequantized-{dequantized}"
-        _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-        long_dir = _long_tokenized(tokenized_dir, root / "long", lengths)
-        train_dir = train_adapter(train_inputs(config, long_dir, tiny_model_dir), root)
-        summaries[dequantized] = json.loads((train_dir / "summary.json").read_text())
-        losses[dequantized] = [entry["loss"] for entry in json.loads((train_dir / "log_history.json").read_text())]
+    runs = _train_long(workspace, tiny_model_dir, "train.dequantized_base", ("false", "true"), seed=1)
+    summaries = {value: summary for value, (summary, _) in runs.items()}
+    losses = {value: run_losses for value, (_, run_losses) in runs.items()}
 
     assert summaries["true"]["dequantized_layers"] == 2 * 7 and summaries["false"]["dequantized_layers"] == 0  # q,k,v,o,gate,up,down x 2
     assert summaries["true"]["step_layout"] == summaries["false"]["step_layout"] == "varlen"

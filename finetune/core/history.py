@@ -21,9 +21,11 @@ def append(models_dir: Path, entry: dict[str, Any]) -> None:
     """Add one decision: a single write of a whole line, synced, after a newline if a cut-off write left none."""
     path = Path(models_dir) / HISTORY
     line = json.dumps(entry, sort_keys=True) + "\n"
-    with open(path, "ab") as handle:
-        if handle.tell() and path.read_bytes()[-1:] != b"\n":
-            line = "\n" + line
+    with open(path, "a+b") as handle:
+        if handle.seek(0, os.SEEK_END):  # not empty: look at its last byte only
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                line = "\n" + line
         handle.write(line.encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())

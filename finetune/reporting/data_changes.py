@@ -70,10 +70,11 @@ def data_changes(now: tuple[Path, Path | None], then: tuple[Path, Path | None], 
     added, removed = rows_now[~same_context], rows_then[~rows_then.context.isin(contexts_now)]
     files_now, files_then = set(rows_now.file), set(rows_then.file)  # by name: the raw folder may have moved
 
-    def pairs(rows: pd.DataFrame, name: str) -> set:
-        return set(zip(rows.context[rows.file == name], rows.answer[rows.file == name]))
+    def pairs(rows: pd.DataFrame) -> dict[str, set]:  # each file's rows by content, in one pass over the rows
+        return {name: set(zip(group.context, group.answer)) for name, group in rows.groupby("file", sort=False)}
 
-    changed_files = sorted(name for name in files_now & files_then if pairs(rows_now, name) != pairs(rows_then, name))
+    pairs_now, pairs_then = pairs(rows_now), pairs(rows_then)
+    changed_files = sorted(name for name in files_now & files_then if pairs_now[name] != pairs_then[name])
     rejects_now, rejects_then = _rejects(now[0]), _rejects(then[0])
     shares_now, shares_then = _shares(rows_now), _shares(rows_then)
     topics = sorted(set(shares_now) | set(shares_then))
