@@ -17,6 +17,9 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
   rows per step on the long workload, for less memory;
 - `fast_fused`, `fast_fused_rows_4096`: the same with Liger's fused kernels (`train.fused_kernels=true`);
 - `fast_dequantized`: the fast step with the frozen base dequantized once into bf16 (`train.dequantized_base=true`);
+- `fast_compiled`: the fast step with each decoder layer compiled (`train.compiled_layers=true`);
+  `fast_compiled_rows_4096`, `fast_dequantized_compiled`, `fast_dequantized_fused` and
+  `fast_dequantized_compiled_rows_4096` combine levers;
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
 - `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import platform
 import time
 from pathlib import Path
@@ -55,6 +59,11 @@ RECIPES = {
     "fast_fused": ["train.fused_kernels=true"],
     "fast_fused_rows_4096": ["train.fused_kernels=true", "train.max_row_tokens=4096"],
     "fast_dequantized": ["train.dequantized_base=true"],
+    "fast_compiled": ["train.compiled_layers=true"],
+    "fast_dequantized_compiled": ["train.dequantized_base=true", "train.compiled_layers=true"],
+    "fast_compiled_rows_4096": ["train.compiled_layers=true", "train.max_row_tokens=4096"],
+    "fast_dequantized_fused": ["train.dequantized_base=true", "train.fused_kernels=true"],
+    "fast_dequantized_compiled_rows_4096": ["train.dequantized_base=true", "train.compiled_layers=true", "train.max_row_tokens=4096"],
     "low_memory": ["train.gradient_checkpointing=true"],
     "fast_2_gpus": ["train.num_gpus=2"],
 }
@@ -127,8 +136,14 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
     from finetune.stages.train import TrainInputs, train_adapter
 
     inputs = TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)
+    steps_at = StepTimes()
+    logging.getLogger("finetune").setLevel(logging.INFO)
+    logging.getLogger("finetune").addHandler(steps_at)
     started = time.perf_counter()
-    out = train_adapter(inputs, root / name)
+    try:
+        out = train_adapter(inputs, root / name)
+    finally:
+        logging.getLogger("finetune").removeHandler(steps_at)
     stage_seconds = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
     history = json.loads((out / "log_history.json").read_text())
@@ -152,8 +167,36 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
         "micro_batch": summary["micro_batch"],
         "step_layout": summary["step_layout"],
         "mfu": round(flops / summary["train_seconds"] / (peak * 1e12), 4) if peak else None,
+        **steps_at.steady(sum(lengths) * seen / len(lengths) / max(steps, 1), flops / max(steps, 1), peak),
         "losses": [round(entry["loss"], 5) for entry in history],
     }
+
+
+class StepTimes(logging.Handler):
+    """When each optimizer step ended, from the train stage's `step N/M` log lines: the first WARMUP_STEPS
+    (compilation, graph capture, allocator growth) apart from the steady steps after them."""
+
+    WARMUP_STEPS = 5
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.times: dict[int, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("step ") and "/" in message:
+            self.times[int(message.split()[1].split("/")[0])] = time.perf_counter()
+
+    def steady(self, tokens_per_step: float, flops_per_step: float, peak: float | None) -> dict:
+        """Seconds to the end of step WARMUP_STEPS, and tokens/s and MFU of the steps after it (the mean step's tokens)."""
+        last, warm = max(self.times, default=0), self.WARMUP_STEPS
+        if last <= warm or warm not in self.times:
+            return {}
+        seconds = self.times[last] - self.times[warm]
+        found = {"steady_steps": last - warm, "steady_tokens_per_second": round(tokens_per_step * (last - warm) / seconds, 1)}
+        if peak:
+            found["steady_mfu"] = round(flops_per_step * (last - warm) / seconds / (peak * 1e12), 4)
+        return found
 
 
 def profiled(table: Path, run, *args) -> dict:

@@ -268,3 +268,19 @@ def test_a_dequantized_base_trains_the_steps_of_the_4bit_base(workspace, tiny_mo
     difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
     print(f"dequantized: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
     assert difference < 1e-3, losses
+
+
+def test_compiled_layers_train_the_steps_of_the_eager_layers(workspace, tiny_model_dir):
+    """train.compiled_layers: each decoder layer compiled by torch.compile. 13 steps of long examples packed through
+    the variable-length kernel (attention left eager inside the compiled layers), bf16, dropout off: both layers
+    compiled, and the losses are those of the eager layers to rounding."""
+    runs = _train_long(workspace, tiny_model_dir, "train.compiled_layers", ("false", "true"), seed=1)
+    summaries = {value: summary for value, (summary, _) in runs.items()}
+    losses = {value: run_losses for value, (_, run_losses) in runs.items()}
+
+    assert summaries["true"]["compiled_layers"] == 2 and summaries["false"]["compiled_layers"] == 0
+    assert summaries["true"]["step_layout"] == summaries["false"]["step_layout"] == "varlen"
+    assert len(losses["true"]) == len(losses["false"]) == 13
+    difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
+    print(f"compiled: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
+    assert difference < 2e-2, losses

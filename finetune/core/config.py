@@ -305,6 +305,13 @@ class TrainConfig(Section):
         "memory (13.5 GB for a 7B model against 3.9). An opt-in trade of memory for speed; ignored on the CPU and "
         "without quant.load_in_4bit.",
     )
+    compiled_layers: bool = Field(
+        False,
+        description="On a CUDA GPU, eager steps (not cuda_graphs' replays): compile each decoder layer with torch.compile "
+        "(attention left to its kernel), fusing the norms, rotary embeddings, activation, dropout and residuals into "
+        "fewer kernels. Compiling takes a while at the first steps (counted in the run's time; the compiler caches "
+        "it for later runs). The same steps and loss up to rounding; ignored on the CPU.",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass: less memory, slower. null: the recipe's own (seed: "

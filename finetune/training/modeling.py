@@ -96,6 +96,23 @@ def dequantize_frozen_base(model) -> int:
     return replaced
 
 
+def compile_decoder_layers(model) -> int:
+    """Compile each decoder layer of `model` in place (train.compiled_layers; nn.Module.compile, so the state dict
+    and checkpoints keep their keys); returns how many. The layers are those the model names as not to be split
+    (`_no_split_modules`: LlamaDecoderLayer and the like); they share one compiled graph, shapes left to the
+    compiler (a packed row's length changes every step: it compiles again once, with the length dynamic)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [module for module in base.modules() if type(module).__name__ in names]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def compiled_layer_count(model) -> int:
+    return sum(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
+
+
 def inference_attention():
     """The attention kernels of evaluation's forward passes. On CUDA, flash or memory-efficient attention and
     not cuDNN's, which builds a plan for every new shape: each decoding step has a new key length, and the

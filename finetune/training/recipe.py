@@ -33,7 +33,7 @@ from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
-from finetune.training.modeling import DequantizedLinear, dequantize_frozen_base, load_base
+from finetune.training.modeling import DequantizedLinear, compile_decoder_layers, compiled_layer_count, dequantize_frozen_base, load_base
 
 # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
 _SFT_FIELDS = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -223,8 +223,13 @@ def model_module_restored(model):
 
 
 def kernel_counts(model) -> dict[str, int]:
-    """What the run's speed levers changed in `model`: Liger's fused modules, the base's dequantized layers."""
-    return {"fused_modules": fused_module_count(model), "dequantized_layers": sum(isinstance(m, DequantizedLinear) for m in model.modules())}
+    """What the run's speed levers changed in `model`: Liger's fused modules, the base's dequantized layers, the
+    compiled decoder layers."""
+    return {
+        "fused_modules": fused_module_count(model),
+        "dequantized_layers": sum(isinstance(m, DequantizedLinear) for m in model.modules()),
+        "compiled_layers": compiled_layer_count(model),
+    }
 
 
 def fused_module_count(model) -> int:
@@ -257,8 +262,11 @@ class StepWatch(TrainerCallback):
 
 
 def build_trainer(
-    model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger
+    model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger,
+    compile_layers: bool = False,
 ) -> SFTTrainer:
+    """TRL's trainer for `plan`: the graphed trainer, or SFTTrainer (packed rows through the variable-length kernel
+    for `varlen`); with `compile_layers` (train.compiled_layers), the decoder layers of an eager step compiled."""
     common = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[watch])
     if plan.layout == "graphed":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -269,6 +277,8 @@ def build_trainer(
         if plan.layout == "varlen":
             varlen.use_varlen_attention(model)
         trainer = SFTTrainer(**common)
+    if compile_layers and plan.layout != "graphed" and torch.cuda.is_available():
+        compile_decoder_layers(model)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
         # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients

@@ -101,6 +101,8 @@ def _no_mask(*args, **kwargs):
 
 def use_varlen_attention(model) -> None:
     """Register the attention function (again is harmless) and switch `model` to it."""
-    AttentionInterface.register(ATTENTION, varlen_attention)
+    # Left out of compiled layers (train.compiled_layers): the kernel is one call already, and its boundaries are
+    # Python numbers that change every step.
+    AttentionInterface.register(ATTENTION, torch.compiler.disable(varlen_attention))
     AttentionMaskInterface.register(ATTENTION, _no_mask)
     model.set_attn_implementation(ATTENTION)
