@@ -246,6 +246,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of each recipe here (a short run)")
+    parser.add_argument(
+        "--activation-memory-budget", type=float, default=None,
+        help="torch.compile's partitioner budget for compiled layers' saved activations (1.0: its fastest; lower recomputes more)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -256,6 +260,10 @@ def main() -> None:
     from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
     from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 
+    import torch._functorch.config as functorch_config
+
+    if args.activation_memory_budget is not None:
+        functorch_config.activation_memory_budget = args.activation_memory_budget
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     base = ["train.save_every_steps=100000", *args.overrides]  # checkpoint saves are not training time
     if args.workload == "long":
@@ -283,7 +291,7 @@ def main() -> None:
     root = args.work / "runs" / str(time.time_ns())
     header = {
         "model": args.model, "workload": args.workload, "device": device, "gpus": torch.cuda.device_count(), "overrides": base,
-        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__, "activation_memory_budget": functorch_config.activation_memory_budget, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "flops_counted": "2 x forward per trained token: 2 x linear weights (decoder + LM head) + 2 x layers x hidden x length",
     }  # fmt: skip
     for name in args.recipes.split(","):

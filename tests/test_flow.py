@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -243,9 +244,8 @@ def test_an_unreadable_champion_record_stops_the_run_before_any_stage(prefect_se
     assert "; last seen alive at 2026-12-01T03:00:00Z;" in lost["error"]
 
 
-def _cli(*args: str) -> "subprocess.CompletedProcess":
+def _cli(*args: str) -> subprocess.CompletedProcess:
     import os
-    import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120)
