@@ -18,6 +18,7 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `fast_fused`, `fast_fused_rows_4096`: the same with Liger's fused kernels (`train.fused_kernels=true`);
 - `fast_dequantized`: the fast step with the frozen base dequantized once into bf16 (`train.dequantized_base=true`);
 - `fast_compiled`: the fast step with each decoder layer compiled (`train.compiled_layers=true`);
+  `fast_compiled_budget_0.9` lets the compiler keep 90% of the activations it would (`train.activation_memory_budget`);
   `fast_compiled_rows_4096`, `fast_dequantized_compiled`, `fast_dequantized_fused` and
   `fast_dequantized_compiled_rows_4096` combine levers;
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
@@ -60,6 +61,7 @@ RECIPES = {
     "fast_fused_rows_4096": ["train.fused_kernels=true", "train.max_row_tokens=4096"],
     "fast_dequantized": ["train.dequantized_base=true"],
     "fast_compiled": ["train.compiled_layers=true"],
+    "fast_compiled_budget_0.9": ["train.compiled_layers=true", "train.activation_memory_budget=0.9"],
     "fast_dequantized_compiled": ["train.dequantized_base=true", "train.compiled_layers=true"],
     "fast_compiled_rows_4096": ["train.compiled_layers=true", "train.max_row_tokens=4096"],
     "fast_dequantized_fused": ["train.dequantized_base=true", "train.fused_kernels=true"],
@@ -246,10 +248,6 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of each recipe here (a short run)")
-    parser.add_argument(
-        "--activation-memory-budget", type=float, default=None,
-        help="torch.compile's partitioner budget for compiled layers' saved activations (1.0: its fastest; lower recomputes more)",
-    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -260,10 +258,6 @@ def main() -> None:
     from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
     from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 
-    import torch._functorch.config as functorch_config
-
-    if args.activation_memory_budget is not None:
-        functorch_config.activation_memory_budget = args.activation_memory_budget
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     base = ["train.save_every_steps=100000", *args.overrides]  # checkpoint saves are not training time
     if args.workload == "long":
@@ -291,7 +285,7 @@ def main() -> None:
     root = args.work / "runs" / str(time.time_ns())
     header = {
         "model": args.model, "workload": args.workload, "device": device, "gpus": torch.cuda.device_count(), "overrides": base,
-        "torch": torch.__version__, "activation_memory_budget": functorch_config.activation_memory_budget, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "flops_counted": "2 x forward per trained token: 2 x linear weights (decoder + LM head) + 2 x layers x hidden x length",
     }  # fmt: skip
     for name in args.recipes.split(","):

@@ -161,9 +161,12 @@ def _long_tokenized(tokenized_dir, out, lengths, vocab_low=100, seed=0):
     return out
 
 
-def _train_long(workspace, tiny_model_dir, setting: str, values: tuple[str, ...], seed: int) -> dict[str, tuple[dict, list[float]]]:
+def _train_long(
+    workspace, tiny_model_dir, setting: str, values: tuple[str, ...], seed: int, also: tuple[str, ...] = ()
+) -> dict[str, tuple[dict, list[float]]]:
     """{value: (summary, losses)}: 13 steps of the tiny model on 104 long examples (130 to 512 tokens, drawn
-    with `seed`), bf16 with dropout off, once per value of the train config key `setting`."""
+    with `seed`), bf16 with dropout off, once per value of the train config key `setting` (with the overrides
+    `also`)."""
     from finetune.core.config import load_config
     from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
@@ -173,7 +176,7 @@ def _train_long(workspace, tiny_model_dir, setting: str, values: tuple[str, ...]
     runs = {}
     for value in values:
         config = load_config(ROOT / "configs" / "tiny.yaml", [
-            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", f"{setting}={value}",
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", *also, f"{setting}={value}",
         ])  # fmt: skip
         root = workspace / f"{setting.rsplit('.', 1)[-1]}-{value}"
         _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
@@ -273,14 +276,18 @@ def test_a_dequantized_base_trains_the_steps_of_the_4bit_base(workspace, tiny_mo
 def test_compiled_layers_train_the_steps_of_the_eager_layers(workspace, tiny_model_dir):
     """train.compiled_layers: each decoder layer compiled by torch.compile. 13 steps of long examples packed through
     the variable-length kernel (attention left eager inside the compiled layers), bf16, dropout off: both layers
-    compiled, and the losses are those of the eager layers to rounding."""
+    compiled, and the losses are those of the eager layers to rounding; so are they with the compiler told to
+    keep 30% of the activations (train.activation_memory_budget=0.3: the rest recomputed in the backward)."""
     runs = _train_long(workspace, tiny_model_dir, "train.compiled_layers", ("false", "true"), seed=1)
+    runs |= _train_long(workspace, tiny_model_dir, "train.activation_memory_budget", ("0.3",), 1, ("train.compiled_layers=true",))
     summaries = {value: summary for value, (summary, _) in runs.items()}
     losses = {value: run_losses for value, (_, run_losses) in runs.items()}
 
-    assert summaries["true"]["compiled_layers"] == 2 and summaries["false"]["compiled_layers"] == 0
+    assert summaries["true"]["compiled_layers"] == summaries["0.3"]["compiled_layers"] == 2
+    assert summaries["false"]["compiled_layers"] == 0
     assert summaries["true"]["step_layout"] == summaries["false"]["step_layout"] == "varlen"
-    assert len(losses["true"]) == len(losses["false"]) == 13
+    assert len(losses["true"]) == len(losses["false"]) == len(losses["0.3"]) == 13
     difference = max(abs(a - b) for a, b in zip(losses["true"], losses["false"]))
-    print(f"compiled: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}")
-    assert difference < 2e-2, losses
+    recomputed = max(abs(a - b) for a, b in zip(losses["0.3"], losses["false"]))
+    print(f"compiled: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}, budget 0.3 {recomputed:.2e}")
+    assert difference < 2e-2 and recomputed < 2e-2, losses

@@ -310,7 +310,18 @@ class TrainConfig(Section):
         description="On a CUDA GPU, eager steps (not cuda_graphs' replays): compile each decoder layer with torch.compile "
         "(attention left to its kernel), fusing the norms, rotary embeddings, activation, dropout and residuals into "
         "fewer kernels. Compiling takes a while at the first steps (counted in the run's time; the compiler caches "
-        "it for later runs). The same steps and loss up to rounding; ignored on the CPU.",
+        "it for later runs). The same steps and loss up to rounding; ignored on the CPU. Measured on an H200 (7B shape, "
+        "the long workload's 500 steps): 1.26x the tokens/s of the eager step at 42.1 GiB against 62.7; with "
+        "dequantized_base 1.54x at 51.0 GiB.",
+    )
+    activation_memory_budget: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="With compiled_layers: the share of the activations the compiler would keep for the backward pass "
+        "that it may keep (torch.compile's activation_memory_budget); below 1 it recomputes the cheapest of the rest "
+        "in the backward. Measured on an H200 (7B shape, long workload): 0.9 took the peak from 42.1 to 30.1 GiB "
+        "for 6% more time, 0.7 to 29.6 GiB for 14%. Not part of the train key: the same computation.",
     )
     gradient_checkpointing: bool | None = Field(
         None,
@@ -338,7 +349,7 @@ class TrainConfig(Section):
         "Not part of the train key: turning it on does not retrain, and a cached train stage logs nothing new.",
     )
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus", "max_row_tokens"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus", "max_row_tokens", "activation_memory_budget"})
 
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:

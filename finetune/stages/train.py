@@ -225,7 +225,7 @@ def train_here(inputs: TrainInputs, key: str, out: Path, hooks: Hooks) -> dict:
         hooks.logger.info(log_line(step, max_steps, logs))
         hooks.progress(step / max_steps)
 
-    trainer = recipe.build_trainer(model, tokenizer, dataset, args, recipe.StepWatch(on_step), plan, hooks.logger, inputs.train.compiled_layers)
+    trainer = recipe.build_trainer(model, tokenizer, dataset, args, recipe.StepWatch(on_step), plan, hooks.logger, inputs.train)
     if (resume_from := newest_intact_checkpoint(work_dir, hooks.logger)) is not None:
         hooks.logger.info("resuming from %s", resume_from.name)
     trained_from = time.time()

@@ -96,11 +96,16 @@ def dequantize_frozen_base(model) -> int:
     return replaced
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, activation_memory_budget: float = 1.0) -> int:
     """Compile each decoder layer of `model` in place (train.compiled_layers; nn.Module.compile, so the state dict
     and checkpoints keep their keys); returns how many. The layers are those the model names as not to be split
     (`_no_split_modules`: LlamaDecoderLayer and the like); they share one compiled graph, shapes left to the
-    compiler (a packed row's length changes every step: it compiles again once, with the length dynamic)."""
+    compiler (a packed row's length changes every step: it compiles again once, with the length dynamic).
+    `activation_memory_budget` (train.activation_memory_budget) is the compiler's, a process-wide setting read
+    when the layers compile, at the first steps."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = activation_memory_budget
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [module for module in base.modules() if type(module).__name__ in names]

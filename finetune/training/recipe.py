@@ -263,10 +263,10 @@ class StepWatch(TrainerCallback):
 
 def build_trainer(
     model, tokenizer, dataset: Dataset, args: SFTConfig, watch: StepWatch, plan: StepPlan, logger: logging.Logger,
-    compile_layers: bool = False,
+    train: TrainConfig,
 ) -> SFTTrainer:
     """TRL's trainer for `plan`: the graphed trainer, or SFTTrainer (packed rows through the variable-length kernel
-    for `varlen`); with `compile_layers` (train.compiled_layers), the decoder layers of an eager step compiled."""
+    for `varlen`); with train.compiled_layers on CUDA, the decoder layers of an eager step compiled."""
     common = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[watch])
     if plan.layout == "graphed":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -277,8 +277,8 @@ def build_trainer(
         if plan.layout == "varlen":
             varlen.use_varlen_attention(model)
         trainer = SFTTrainer(**common)
-    if compile_layers and plan.layout != "graphed" and torch.cuda.is_available():
-        compile_decoder_layers(model)
+    if train.compiled_layers and plan.layout != "graphed" and torch.cuda.is_available():
+        compile_decoder_layers(model, train.activation_memory_budget)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
         # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
