@@ -37,6 +37,7 @@ from tasks.stages import (
     StageTask,
     evaluate_task,
     export_task,
+    list_sources_task,
     merge_task,
     prepare_task,
     resolve_model_task,
@@ -132,6 +133,19 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
     return output_dir
 
 
+def _listed_sources(record: RunRecord, config: FinetuneConfig) -> tuple:
+    """data.sources listed for prepare's key (a task, retried when a store cannot be reached); a failure is
+    prepare's."""
+    if not config.data.sources:
+        return ()
+    started = time.monotonic()
+    try:
+        return list_sources_task(config.data, config.model.token_secret)
+    except Exception as error:
+        record.stage_done("prepare", "failed", time.monotonic() - started, None, None)
+        raise _fail(record, "prepare", error) from error
+
+
 def _since_champion(record: RunRecord, config: FinetuneConfig, prepared_dir: Path, tokenized_dir: Path) -> None:
     """The run's data against the data the champion was trained on (data_changes.json/.md in the run folder,
     the `data-changes` artifact): nothing when there is no champion yet; a warning, not a failure, when
@@ -205,7 +219,8 @@ def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
         raise _fail(record, "champion", error) from error
 
     prepared_dir = _run_stage(record, prepare_task, PrepareInputs(
-        raw_dir=paths.raw_dir, heldout_path=paths.heldout_path, data=config.data, template=config.tokenize.template,
+        raw_dir=None if config.data.sources else paths.raw_dir, heldout_path=paths.heldout_path, data=config.data,
+        template=config.tokenize.template, sources=_listed_sources(record, config),
     ), paths.processed_dir)  # fmt: skip
     model_dir = _run_stage(record, resolve_model_task, ResolveInputs.of(config.model), paths.output_dir)
     tokenized_dir = _run_stage(record, tokenize_task, TokenizeInputs(

@@ -7,6 +7,7 @@ progress artifact.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from finetune.core.config import ConfigError
+from finetune.core.config import ConfigError, DataConfig
 from finetune.core.stage import Hooks, Stage
+from finetune.data.sources import SourceListing, list_sources
 from finetune.stages.evaluate import evaluate_adapter, score_model
 from finetune.stages.export import export_gguf
 from finetune.stages.merge import merge_adapter
@@ -88,17 +91,18 @@ def holding(slot: str, logger) -> Iterator[None]:
 
 
 def load_secret(name: str) -> str:
-    """The value of the Prefect Secret block `name` (from the server, or the local database)."""
+    """The value of the Prefect Secret block `name` (from the server, or the local database); a block that
+    holds JSON (a data source's credentials) gives its JSON text."""
     from prefect.blocks.system import Secret
 
     try:
         value = Secret.load(name).get()
     except ValueError:
         raise ConfigError(
-            f"model.token_secret={name}: no Prefect Secret block of that name; create it in the UI (Blocks) or "
-            f"with Secret(value=...).save({name!r})"
+            f"{name}: no Prefect Secret block of that name (model.token_secret or a data source's credentials_secret); "
+            f"create it in the UI (Blocks) or with Secret(value=...).save({name!r})"
         ) from None
-    return str(value)
+    return value if isinstance(value, str) else json.dumps(value)  # a JSON value (credentials) as its text
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,19 @@ def stage_task(
             return stage(inputs, root, key=key, hooks=hooks)
 
     return StageTask(stage, run)
+
+
+@task(
+    name="list-sources", cache_policy=NO_CACHE, persist_result=False,
+    retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_permanent,
+)  # fmt: skip
+def list_sources_task(data: DataConfig, token_secret: str | None) -> tuple[SourceListing, ...]:
+    """data.sources listed for prepare's key (never cached: a listing is how a run sees that a bucket
+    changed); a store that cannot be reached is retried."""
+    listings = list_sources(data, load_secret, token_secret)
+    for listing in listings:
+        get_run_logger().info("%s: %s, %s", listing.where, listing.shown, f"{len(listing.content)} object(s)" if listing.kind == "objects" else listing.kind)
+    return listings
 
 
 prepare_task = stage_task(prepare_dataset)

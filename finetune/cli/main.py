@@ -66,16 +66,32 @@ def _summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_secret(name: str) -> str:
+    from tasks.stages import load_secret  # Prefect, only where a config names a Secret block
+
+    return load_secret(name)
+
+
 def _validate(config) -> int:
-    """The data contract alone (no model, no Prefect): the prepare stage, cached by its key like in a run."""
+    """The data contract alone (no model; Prefect only for a named Secret block): data.sources listed, then
+    the prepare stage, cached by its key like in a run."""
+    from finetune.core.stage import Hooks
+    from finetune.data.sources import list_sources
     from finetune.stages.prepare import DataError, PrepareInputs, prepare_dataset
 
     paths = config.paths
-    inputs = PrepareInputs(raw_dir=paths.raw_dir, heldout_path=paths.heldout_path, data=config.data, template=config.tokenize.template)
     try:
-        prepared = prepare_dataset(inputs, paths.processed_dir)
+        sources = list_sources(config.data, _read_secret, config.model.token_secret)
+        inputs = PrepareInputs(
+            raw_dir=None if sources else paths.raw_dir, heldout_path=paths.heldout_path, data=config.data,
+            template=config.tokenize.template, sources=sources,
+        )  # fmt: skip
+        prepared = prepare_dataset(inputs, paths.processed_dir, hooks=Hooks(secret=_read_secret))
     except DataError as error:
         print(f"finetune: data error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a store that could not be reached: the same command later may work
+        print(f"finetune: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     print((prepared / "report.md").read_text(encoding="utf-8"), end="")
     print(f"\nprepared splits: {prepared}")

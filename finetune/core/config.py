@@ -99,7 +99,11 @@ class HalfDtype(StrEnum):
 class PathsConfig(Section):
     """Where things are. Paths are not part of any stage key: only the content they point to is."""
 
-    raw_dir: Path = Field(Path("data/raw"), description="Folder of training pairs (*.jsonl); read, never written.")
+    raw_dir: Path | None = Field(
+        Path("data/raw"),
+        description="Folder of training pairs (see README: Data); read, never written. Not read when data.sources is set "
+        "(list the folder there too to keep it); null with data.sources only.",
+    )
     heldout_path: Path = Field(
         Path("data/eval/heldout.jsonl"),
         description="Held-out pairs used only for evaluation, never trained on.",
@@ -118,7 +122,52 @@ class PathsConfig(Section):
     )
 
 
+class DataSource(Section):
+    """One place training pairs come from (an entry of data.sources): `url` or `dataset`."""
+
+    url: str | None = Field(
+        None,
+        description="A folder of data files, read as paths.raw_dir is, or an object-storage prefix whose every object "
+        "is a data file: s3://bucket/prefix (the .[s3] extra: s3fs), gs://bucket/prefix (gcsfs), az://container/prefix "
+        "(adlfs). Objects are keyed by their ETags and sizes: an unchanged bucket is served from cache unread.",
+    )
+    dataset: str | None = Field(
+        None,
+        description="A dataset read through datasets.load_dataset: a hub id (owner/name; token from model.token_secret "
+        "or HF_TOKEN) or a local dataset repository folder (data files and a README.md dataset card naming configs "
+        "and splits). Keyed by the hub commit the revision resolves to, or the folder's content.",
+    )
+    name: str | None = Field(None, description="With dataset: its config name (the card's configs), if it has several.")
+    split: str = Field("train", description="With dataset: the split to train on.")
+    revision: str | None = Field(
+        None, description="With a hub dataset: a branch, tag or commit; pin a commit so a retrain reads what it read."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="With an object-storage url: fsspec options that are not secrets, such as endpoint_url for an "
+        "S3-compatible server or anon: true for a public bucket.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        description="With an object-storage url: a Prefect Secret block holding a JSON object of fsspec options (for "
+        "S3: key and secret), merged into storage_options at run time; null: the machine's own credentials "
+        "(AWS_ACCESS_KEY_ID and the like, or an instance role). Never logged, written or part of a key.",
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> DataSource:
+        if (self.url is None) == (self.dataset is None):
+            raise ValueError("give either url (a folder or s3://, gs://, az:// prefix) or dataset (a hub id or a dataset folder)")
+        return self
+
+
 class DataConfig(Section):
+    sources: list[DataSource] = Field(
+        default_factory=list,
+        description="Where the training pairs come from, read in order: folders, object-storage prefixes, datasets. "
+        "Empty: paths.raw_dir alone. Not part of the prepare key as written: each source enters it by its content "
+        "(folders' bytes, objects' ETags, a dataset's resolved commit).",
+    )
     topics: list[str] | None = Field(
         None,
         description="Allowed topics; rows with another topic (or none) are rejected. None accepts any topic, "
@@ -151,6 +200,8 @@ class DataConfig(Section):
         description="Name globs of files in paths.raw_dir that are not data (hidden files by default). Every other "
         "file must be readable, so that no data is left out without a word.",
     )
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"sources"})
 
     @model_validator(mode="after")
     def _chars_in_order(self) -> DataConfig:

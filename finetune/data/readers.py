@@ -19,7 +19,8 @@ assistant, user, assistant, ...; empty for the single-exchange layouts). A syste
 first user turn, followed by a blank line, as the saved chat template renders it.
 
 Every row keeps its file and line (the record's number for JSON arrays and Parquet). A row that
-cannot be used becomes a reject with a reason; a file that cannot be read at all is a DataError.
+cannot be used becomes a reject with a reason; a file that cannot be read at all is a DataError. A file
+is named by its path, or by its URL when its bytes come from object storage (finetune/data/sources.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from finetune.core.config import ConfigError, FinetuneConfig
@@ -368,34 +369,37 @@ def _read_seed_text(path: Path, data: bytes, result: ReadResult, markers: tuple[
         yield
 
 
-def format_of(path: Path) -> str | None:
-    """The plain suffix a file is read as (`.jsonl` for data.jsonl.gz too), or None: no reader for it."""
-    path = Path(path)
+def format_of(path: Path | str) -> str | None:
+    """The plain suffix a file (or an object's URL) is read as (`.jsonl` for data.jsonl.gz too), or None: no
+    reader for it."""
+    path = PurePosixPath(str(path).rsplit("/", 1)[-1])
     suffix = Path(path.stem).suffix if path.suffix in COMPRESSIONS else path.suffix
     return suffix if suffix in SUFFIXES else None
 
 
-def _file_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix not in COMPRESSIONS:
+def _decompressed(path: Path | str, data: bytes) -> bytes:
+    suffix = PurePosixPath(str(path)).suffix
+    if suffix not in COMPRESSIONS:
         return data
-    name, decompress = COMPRESSIONS[path.suffix]
+    name, decompress = COMPRESSIONS[suffix]
     try:
         return decompress(data)
     except Exception as error:  # gzip, bz2 and lzma each raise their own types for damaged data
         raise DataError(f"{path}: not a readable {name} file ({type(error).__name__}: {error})") from None
 
 
-def read_chunks(path: Path, markers: tuple[str, str] = SEED_MARKERS, empty_ok: bool = False) -> Iterator[ReadResult]:
+def read_chunks(
+    path: Path | str, markers: tuple[str, str] = SEED_MARKERS, empty_ok: bool = False, data: bytes | None = None
+) -> Iterator[ReadResult]:
     """Rows and rejects of one data file, in chunks of at most CHUNK_ROWS rows (rejects go with the chunk
     being read); a DataError if the file as a whole cannot be used. `markers` open the instruction and
     the response of a block in a .txt file. `empty_ok`: a file with nothing in it has no rows (an upstream
-    export with nothing new today) instead of being an error."""
-    path = Path(path)
+    export with nothing new today) instead of being an error. `data`: the file's bytes, read elsewhere (an
+    object in a bucket, `path` its URL); otherwise the file at `path` is read."""
     suffix = format_of(path)
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; use one of {READABLE}")
-    data = _file_bytes(path)
+    data = _decompressed(path, Path(path).read_bytes() if data is None else data)
     if suffix != ".parquet" and not data.strip(b" \t\r\n\xef\xbb\xbf"):
         if empty_ok:
             yield ReadResult()
@@ -406,11 +410,23 @@ def read_chunks(path: Path, markers: tuple[str, str] = SEED_MARKERS, empty_ok: b
         records = _read_seed_text(path, data, result, markers)
     else:
         records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path, data, result)
+    yield from _chunked(records, result)
+
+
+def _chunked(records: Iterator[None], result: ReadResult) -> Iterator[ReadResult]:
+    """`result` handed on every CHUNK_ROWS rows while `records` fills it, then the rest."""
     for _ in records:
         if len(result.rows) >= CHUNK_ROWS:  # hand the chunk on; the reader goes on filling `result`
             yield ReadResult(result.rows, result.rejects)
             result.rows, result.rejects = [], []
     yield result
+
+
+def record_chunks(name: str, records: Iterable[Any]) -> Iterator[ReadResult]:
+    """Rows and rejects of records parsed already (a dataset's rows, numbered from 1 as lines), in chunks of
+    at most CHUNK_ROWS rows; the first record decides the layout, as in a file."""
+    result = ReadResult()
+    yield from _chunked(_add_records(name, enumerate(records, start=1), result), result)
 
 
 def read_pairs(path: Path, markers: tuple[str, str] = SEED_MARKERS) -> ReadResult:
@@ -443,12 +459,17 @@ def data_files(directory: Path, exclude: tuple[str, ...] = (".*",)) -> list[Path
 def check_inputs(config: FinetuneConfig) -> None:
     """The data files the config names exist: checked before anything heavy is imported."""
     raw_dir, heldout = config.paths.raw_dir, config.paths.heldout_path
-    if not raw_dir.is_dir():
+    if config.data.sources:
+        pass  # listed before prepare (finetune/data/sources.py), where a missing one is named
+    elif raw_dir is None:
+        raise ConfigError("paths.raw_dir is null and data.sources is empty: name a folder of training pairs, or sources")
+    elif not raw_dir.is_dir():
         raise ConfigError(f"paths.raw_dir: {raw_dir} is not a folder; point it at the training pairs")
-    try:  # no data files, or a file that no reader handles and data.exclude does not leave out
-        data_files(raw_dir, tuple(config.data.exclude))
-    except DataError as error:
-        raise ConfigError(f"paths.raw_dir: {error}") from None
+    else:
+        try:  # no data files, or a file that no reader handles and data.exclude does not leave out
+            data_files(raw_dir, tuple(config.data.exclude))
+        except DataError as error:
+            raise ConfigError(f"paths.raw_dir: {error}") from None
     if not heldout.is_file():
         raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
     if not heldout.read_bytes().strip():

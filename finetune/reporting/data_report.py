@@ -33,6 +33,9 @@ def report_markdown(report: dict) -> str:
     ]
     topics = sorted(set(report["topics_train"]) | set(report["topics_eval"]))
     lines += [f"| {t} | {report['topics_train'].get(t, 0)} | {report['topics_eval'].get(t, 0)} |" for t in topics]
+    if report.get("sources"):
+        lines += ["", "| source | config | content | rows kept | rejected |", "|---|---|---|---:|---:|"]
+        lines += [f"| {s['source']} | {s['config']} | {_content(s)} | {s['rows']} | {s['rejected']} |" for s in report["sources"]]
     lines += ["", "| file | rows kept | rejected |", "|---|---:|---:|"]
     lines += [f"| {Path(f['file']).name} | {f['rows']} | {f['rejected']} |" for f in report.get("files", [])]
     lines += ["", "| field | words (mean) | words (max) |", "|---|---:|---:|"]
@@ -47,6 +50,13 @@ def report_markdown(report: dict) -> str:
     if report["rejected_examples"]:
         lines += ["", "First rejects:", ""] + [f"- `{r['source_file']}:{r['source_line']}`: {r['reason']}" for r in report["rejected_examples"]]
     return "\n".join(lines) + "\n"
+
+
+def _content(source: dict) -> str:
+    """What identifies a source's content, in a few characters: its objects' count, or its digest or commit."""
+    if source["kind"] == "objects":
+        return f"{len(source['content'])} object(s) by ETag"
+    return f"`{source['content'][0][0][:20]}`"
 
 
 def data_report(files: list[Path], train: pd.DataFrame, evaluation: pd.DataFrame, rejected: list[dict], duplicates: int) -> dict:
