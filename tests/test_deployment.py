@@ -182,7 +182,7 @@ def test_the_ui_shows_the_run_its_card_its_intervals_and_its_curve(scheduling, f
 def test_deployed_runs_send_heartbeats_and_a_silent_one_is_marked_crashed(scheduling):
     """A run whose process dies with its worker cannot report its own crash: `make deploy` sets up the
     heartbeats and the automation that marks such a run Crashed (exercised end to end by `make faults`)."""
-    for name in ("nightly-retrain", "llama2-7b-chat", "cluster-retrain"):
+    for name in ("nightly-retrain", "llama2-7b-chat", "cluster-retrain", "cluster-retrain-from-bucket"):
         deployment = httpx.get(f"{scheduling['api']}/deployments/name/finetune/{name}", timeout=10).json()
         assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", name
     automations = httpx.post(f"{scheduling['api']}/automations/filter", json={}, timeout=10).json()
@@ -198,27 +198,9 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     Kubernetes worker would submit, the way the worker does (pool template + deployment's job variables,
     then prepare_for_flow_run): it asks for the GPU, runs the project's image in the code's folder, and
     mounts the shared volume where every path of the run points. No cluster is needed to render it."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
     from finetune.core.config import PathsConfig
 
-    async def render():
-        async with get_client() as client:
-            deployment = await client.read_deployment_by_name("finetune/cluster-retrain")
-            pool = await client.read_work_pool(deployment.work_pool_name)
-            flow_run = await client.create_flow_run_from_deployment(deployment.id)
-            flow = await client.read_flow(deployment.flow_id)
-            values = {**deployment.job_variables, **(flow_run.job_variables or {})}
-            job = await KubernetesWorkerJobConfiguration.from_template_and_values(pool.base_job_template, values, client=client)
-            job.prepare_for_flow_run(flow_run=flow_run, deployment=deployment, flow=flow, work_pool=pool)
-            return deployment, pool, flow_run, job
-
-    with temporary_settings({PREFECT_API_URL: scheduling["api"]}):  # this module's server, not the test harness's
-        deployment, pool, flow_run, job = asyncio.run(render())
+    deployment, pool, flow_run, job = _rendered(scheduling, "finetune/cluster-retrain")
 
     assert pool.type == "kubernetes"
     pod = job.job_manifest["spec"]["template"]["spec"]
@@ -237,6 +219,50 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     workdir = re.search(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
     assert container["workingDir"] == workdir
+
+
+def _rendered(scheduling, name: str):
+    """(deployment, pool, flow run, Job configuration) of a new flow run of deployment `name`, rendered the way
+    the Kubernetes worker does: pool template + the deployment's job variables, then prepare_for_flow_run."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    async def render():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name(name)
+            pool = await client.read_work_pool(deployment.work_pool_name)
+            flow_run = await client.create_flow_run_from_deployment(deployment.id)
+            flow = await client.read_flow(deployment.flow_id)
+            values = {**deployment.job_variables, **(flow_run.job_variables or {})}
+            job = await KubernetesWorkerJobConfiguration.from_template_and_values(pool.base_job_template, values, client=client)
+            job.prepare_for_flow_run(flow_run=flow_run, deployment=deployment, flow=flow, work_pool=pool)
+            return deployment, pool, flow_run, job
+
+    with temporary_settings({PREFECT_API_URL: scheduling["api"]}):  # this module's server, not the test harness's
+        return asyncio.run(render())
+
+
+def test_the_cluster_deployment_can_take_its_data_from_a_bucket(scheduling):
+    """cluster-retrain-from-bucket renders into the same GPU Job on the shared volume, and its parameters load
+    as a config that reads the training pairs from the bucket alone, with credentials from a Secret block;
+    everything else the run reads or writes is still on the volume."""
+    from finetune.core.config import PathsConfig, load_config
+
+    deployment, pool, flow_run, job = _rendered(scheduling, "finetune/cluster-retrain-from-bucket")
+
+    assert pool.type == "kubernetes"
+    (container,) = job.job_manifest["spec"]["template"]["spec"]["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert container["volumeMounts"][0]["mountPath"] == "/workspace"
+    config = load_config(ROOT / deployment.parameters["config_path"], deployment.parameters["overrides"])
+    (source,) = config.data.sources
+    assert source.url.startswith("s3://") and source.credentials_secret == "data-bucket" and config.paths.raw_dir is None
+    for field in set(PathsConfig.model_fields) - {"raw_dir"}:
+        assert str(getattr(config.paths, field)).startswith("/workspace/"), field
+    assert "[kubernetes,s3]" in (ROOT / "Dockerfile").read_text()  # the image can read s3://
 
 
 def test_a_server_killed_and_restarted_while_training_leaves_the_training_slot_free(scheduling):
