@@ -134,10 +134,10 @@ def _run_stage(record: RunRecord, stage_task: StageTask, inputs: Any, root: Path
 
 
 def _listed_sources(record: RunRecord, config: FinetuneConfig) -> tuple:
-    """data.sources listed for prepare's key (a task, retried when a store cannot be reached); a failure is
-    prepare's."""
-    if not config.data.sources:
-        return ()
+    """(data.sources, data.heldout_source) listed for prepare's key (a task, retried when a store cannot be
+    reached); a failure is prepare's."""
+    if not config.data.sources and not config.data.heldout_source:
+        return (), None
     started = time.monotonic()
     try:
         return list_sources_task(config.data, config.model.token_secret)
@@ -218,10 +218,7 @@ def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
     except ChampionRecordError as error:
         raise _fail(record, "champion", error) from error
 
-    prepared_dir = _run_stage(record, prepare_task, PrepareInputs(
-        raw_dir=None if config.data.sources else paths.raw_dir, heldout_path=paths.heldout_path, data=config.data,
-        template=config.tokenize.template, sources=_listed_sources(record, config),
-    ), paths.processed_dir)  # fmt: skip
+    prepared_dir = _run_stage(record, prepare_task, PrepareInputs.of(config, *_listed_sources(record, config)), paths.processed_dir)
     model_dir = _run_stage(record, resolve_model_task, ResolveInputs.of(config.model), paths.output_dir)
     tokenized_dir = _run_stage(record, tokenize_task, TokenizeInputs(
         prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize,

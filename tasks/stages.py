@@ -25,7 +25,7 @@ from prefect.states import State
 
 from finetune.core.config import ConfigError, DataConfig
 from finetune.core.stage import Hooks, Stage
-from finetune.data.sources import SourceListing, list_sources
+from finetune.data.sources import Listed, list_sources
 from finetune.stages.evaluate import evaluate_adapter, score_model
 from finetune.stages.export import export_gguf
 from finetune.stages.merge import merge_adapter
@@ -151,11 +151,11 @@ def stage_task(
     name="list-sources", cache_policy=NO_CACHE, persist_result=False,
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_permanent,
 )  # fmt: skip
-def list_sources_task(data: DataConfig, token_secret: str | None) -> tuple[SourceListing, ...]:
-    """data.sources listed for prepare's key (never cached: a listing is how a run sees that a bucket
-    changed); a store that cannot be reached is retried."""
-    listings = list_sources(data, load_secret, token_secret)
-    for listing in listings:
+def list_sources_task(data: DataConfig, token_secret: str | None) -> Listed:
+    """data.sources and data.heldout_source listed for prepare's key (never cached: a listing is how a run
+    sees that a bucket changed); a store that cannot be reached is retried."""
+    sources, heldout = listings = list_sources(data, load_secret, token_secret)
+    for listing in (*sources, *([heldout] if heldout else [])):
         get_run_logger().info("%s: %s, %s", listing.where, listing.shown, f"{len(listing.content)} object(s)" if listing.kind == "objects" else listing.kind)
     return listings
 

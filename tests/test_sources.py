@@ -205,17 +205,18 @@ def _dataset_repo(folder: Path) -> Path:
     return folder
 
 
-def _prepare_from(workspace: Path, **source) -> tuple[Path, str]:
-    """(prepared folder, prepare key) of one dataset source, through list_sources and the prepare stage."""
+def _prepare_from(workspace: Path, heldout: dict | None = None, **source) -> tuple[Path, str]:
+    """(prepared folder, prepare key) of one dataset source (and a held-out source), through list_sources and
+    the prepare stage."""
     from finetune.core.config import load_config
     from finetune.data.sources import list_sources
     from finetune.stages.prepare import PrepareInputs, prepare_dataset
 
-    config = load_config(Path(TINY), [*workspace_overrides(workspace), "paths.raw_dir=null", f"data.sources=[{json.dumps(source)}]"])
-    inputs = PrepareInputs(
-        raw_dir=None, heldout_path=config.paths.heldout_path, data=config.data, template=config.tokenize.template,
-        sources=list_sources(config.data, secret=lambda name: ""),
-    )  # fmt: skip
+    overrides = [*workspace_overrides(workspace), "paths.raw_dir=null", f"data.sources=[{json.dumps(source)}]"]
+    if heldout is not None:
+        overrides += ["paths.heldout_path=/nowhere/heldout.jsonl", f"data.heldout_source={json.dumps(heldout)}"]
+    config = load_config(Path(TINY), overrides)
+    inputs = PrepareInputs.of(config, *list_sources(config.data, secret=lambda name: ""))
     return prepare_dataset(inputs, config.paths.processed_dir), prepare_dataset.key(inputs)
 
 
@@ -238,6 +239,19 @@ def test_a_local_dataset_repository_is_read_through_datasets_by_config_and_split
     pd.concat([pairs, pd.DataFrame([NEW_ROW])], ignore_index=True).to_parquet(repo / "data/pairs-train.parquet")
     edited, edited_key = _prepare_from(workspace, dataset=str(repo), name="pairs", split="train")
     assert edited_key != key and NEW_ROW["instruction"] in set(pd.read_parquet(edited / "train.parquet").instruction)
+
+
+def test_the_held_out_pairs_can_come_from_a_dataset_split(workspace):
+    """data.heldout_source: the card's other split is the held-out set (paths.heldout_path is not read)."""
+    repo = _dataset_repo(workspace / "support-pairs")
+
+    prepared, key = _prepare_from(workspace, {"dataset": str(repo), "name": "pairs", "split": "extra"}, dataset=str(repo), name="pairs")
+
+    evaluation = pd.read_parquet(prepared / "eval.parquet")
+    assert len(evaluation) == 14 and set(evaluation.source_file) == {f"{repo}[pairs]:extra"}
+    assert len(pd.read_parquet(prepared / "train.parquet")) == 90
+    _, plain_key = _prepare_from(workspace, dataset=str(repo), name="pairs")
+    assert plain_key != key
 
 
 def test_a_dataset_split_or_hub_id_that_cannot_be_read_names_the_source(workspace, monkeypatch):

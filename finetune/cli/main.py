@@ -81,11 +81,7 @@ def _validate(config) -> int:
 
     paths = config.paths
     try:
-        sources = list_sources(config.data, _read_secret, config.model.token_secret)
-        inputs = PrepareInputs(
-            raw_dir=None if sources else paths.raw_dir, heldout_path=paths.heldout_path, data=config.data,
-            template=config.tokenize.template, sources=sources,
-        )  # fmt: skip
+        inputs = PrepareInputs.of(config, *list_sources(config.data, _read_secret, config.model.token_secret))
         prepared = prepare_dataset(inputs, paths.processed_dir, hooks=Hooks(secret=_read_secret))
     except DataError as error:
         print(f"finetune: data error: {error}", file=sys.stderr)

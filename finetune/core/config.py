@@ -168,6 +168,11 @@ class DataConfig(Section):
         "Empty: paths.raw_dir alone. Not part of the prepare key as written: each source enters it by its content "
         "(folders' bytes, objects' ETags, a dataset's resolved commit).",
     )
+    heldout_source: DataSource | None = Field(
+        None,
+        description="Held-out pairs from a source instead of paths.heldout_path: a folder, an object-storage prefix or "
+        "a dataset's split (a hub dataset's test split, say), listed and keyed as data.sources are.",
+    )
     topics: list[str] | None = Field(
         None,
         description="Allowed topics; rows with another topic (or none) are rejected. None accepts any topic, "
@@ -201,7 +206,7 @@ class DataConfig(Section):
         "file must be readable, so that no data is left out without a word.",
     )
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"sources"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"sources", "heldout_source"})
 
     @model_validator(mode="after")
     def _chars_in_order(self) -> DataConfig:

@@ -470,6 +470,8 @@ def check_inputs(config: FinetuneConfig) -> None:
             data_files(raw_dir, tuple(config.data.exclude))
         except DataError as error:
             raise ConfigError(f"paths.raw_dir: {error}") from None
+    if config.data.heldout_source:
+        return  # listed before prepare
     if not heldout.is_file():
         raise ConfigError(f"paths.heldout_path: {heldout} not found; evaluation needs held-out pairs")
     if not heldout.read_bytes().strip():

@@ -65,21 +65,27 @@ def is_remote(url: str) -> bool:
     return "://" in url
 
 
-def list_sources(data: DataConfig, secret: Secret, token_secret: str | None = None) -> tuple[SourceListing, ...]:
-    """Every entry of data.sources, listed. `secret(name)` reads a Prefect Secret block; `token_secret` is
-    model.token_secret, the hub token's block for hub datasets (HF_TOKEN without one)."""
-    listed = []
-    for i, source in enumerate(data.sources):
-        where = f"data.sources[{i}]"
-        if source.dataset is not None:
-            listed.append(_list_dataset(where, source, token_secret, secret))
-        elif is_remote(source.url):
-            listed.append(SourceListing(where=where, source=source, kind="objects", content=_list_objects(where, source, data, secret)))
-        else:
-            folder = Path(source.url)
-            _folder_files(where, folder, data)
-            listed.append(SourceListing(where=where, source=source, kind="folder", content=[[fingerprint(folder)]]))
-    return tuple(listed)
+Listed = tuple[tuple[SourceListing, ...], SourceListing | None]
+
+
+def list_sources(data: DataConfig, secret: Secret, token_secret: str | None = None) -> Listed:
+    """(every entry of data.sources, data.heldout_source or None), listed. `secret(name)` reads a Prefect
+    Secret block; `token_secret` is model.token_secret, the hub token's block for hub datasets (HF_TOKEN
+    without one)."""
+    sources = tuple(list_source(f"data.sources[{i}]", source, data, secret, token_secret) for i, source in enumerate(data.sources))
+    heldout = data.heldout_source and list_source("data.heldout_source", data.heldout_source, data, secret, token_secret)
+    return sources, heldout
+
+
+def list_source(where: str, source: DataSource, data: DataConfig, secret: Secret, token_secret: str | None = None) -> SourceListing:
+    """One source, listed; `where` is the config key that names it (data.sources[0], data.heldout_source)."""
+    if source.dataset is not None:
+        return _list_dataset(where, source, token_secret, secret)
+    if is_remote(source.url):
+        return SourceListing(where=where, source=source, kind="objects", content=_list_objects(where, source, data, secret))
+    folder = Path(source.url)
+    _folder_files(where, folder, data)
+    return SourceListing(where=where, source=source, kind="folder", content=[[fingerprint(folder)]])
 
 
 def _folder_files(where: str, folder: Path, data: DataConfig) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.core.config import DataConfig
+from finetune.core.config import DataConfig, FinetuneConfig
 from finetune.core.stage import Hooks, Stage
 from finetune.data.checks import (
     context_keys,
@@ -40,10 +40,19 @@ __all__ = ["DataError", "PrepareInputs", "prepare_dataset"]
 @dataclass(frozen=True, kw_only=True)
 class PrepareInputs:
     raw_dir: Path | None  # every data file in it is read; the folder's content is in the key. None: sources only
-    heldout_path: Path
+    heldout_path: Path | None  # None: heldout, from a source
     data: DataConfig
     template: str  # tokenize.template: rows that contain its markers are rejected
     sources: tuple[SourceListing, ...] = ()  # data.sources as listed (sources.list_sources): their content is in the key
+    heldout: SourceListing | None = None  # data.heldout_source as listed, read instead of heldout_path
+
+    @classmethod
+    def of(cls, config: FinetuneConfig, sources: tuple[SourceListing, ...] = (), heldout: SourceListing | None = None) -> PrepareInputs:
+        """The inputs of a run of `config`, with its data.sources and data.heldout_source as listed."""
+        return cls(
+            raw_dir=None if sources else config.paths.raw_dir, heldout_path=None if heldout else config.paths.heldout_path,
+            data=config.data, template=config.tokenize.template, sources=sources, heldout=heldout,
+        )  # fmt: skip
 
 
 COLUMNS = ["instruction", "response", "history", "topic", "source_file", "source_line"]
@@ -99,11 +108,15 @@ def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dic
         )
 
 
-def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat) -> tuple[pd.DataFrame, int]:
-    heldout_path = Path(inputs.heldout_path)
-    if not heldout_path.is_file():
+def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat, hooks: Hooks) -> tuple[pd.DataFrame, int]:
+    if inputs.heldout is not None:
+        files = source_files(inputs.heldout, inputs.data, prompt.line_markers or SEED_MARKERS, hooks.secret)
+        evaluation, eval_rejected = rows_of(chain.from_iterable(chunks() for _, chunks in files), inputs.data, prompt)
+        heldout_path = f"{inputs.heldout.where} ({inputs.heldout.shown})"
+    elif not (heldout_path := Path(inputs.heldout_path)).is_file():
         raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
-    evaluation, eval_rejected = load_rows([heldout_path], inputs.data, prompt)
+    else:
+        evaluation, eval_rejected = load_rows([heldout_path], inputs.data, prompt)
     if eval_rejected:
         first = eval_rejected[0]
         raise DataError(f"{first['source_file']}:{first['source_line']}: {first['reason']} (held-out rows must all be valid)")
@@ -137,7 +150,7 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     """Validate the raw pairs and the held-out pairs; write train.parquet, eval.parquet, the report."""
     prompt = PromptFormat(inputs.template)
     files = _data_files(inputs, prompt.line_markers or SEED_MARKERS, hooks)
-    evaluation, eval_duplicates = _load_heldout(inputs, prompt)
+    evaluation, eval_duplicates = _load_heldout(inputs, prompt, hooks)
     # empty files have no rows (listed with 0 in the report); a source with no rows at all fails below
     train, rejected = rows_of(chain.from_iterable(chunks() for _, chunks in files), inputs.data, prompt)
     if len(inputs.sources) > 1:  # one source's empty export fails the run as a folder's would
