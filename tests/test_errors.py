@@ -13,6 +13,7 @@ from tests.conftest import ROOT
 RETRIED = {
     "finetune.stages.resolve.HubUnreachableError": "the hub may answer on the next attempt",
     "finetune.stages.train.TrainingOutOfMemory": "the retry trains with half the micro-batch (noted beside the checkpoints)",
+    "finetune.data.sources.StoreUnreachable": "an object store may answer on the next attempt (list-sources, prepare)",
     "finetune.training.distributed.RankFailed": "a rank out of memory, or a launcher that died without a word; "
     "a rank's permanent error is RankFailedPermanently",
 }
@@ -20,6 +21,7 @@ RETRIED = {
 RETURNS = {
     "finetune.training.distributed._failure": ("RankFailed", "RankFailedPermanently"),
     "finetune.core.outputs.disk_full": ("DiskFullError",),  # a PermanentError: freeing space is the user's
+    "finetune.data.sources.storage_error": ("DataError", "StoreUnreachable"),  # missing or refused; unreachable
     "flows.finetune_flow._fail": ("StageFailed",),  # the flow's own failure, wrapping the stage's error (flows are not retried)
 }
 VALIDATORS = {"field_validator", "model_validator"}  # pydantic turns their ValueError into ConfigError (load_config)

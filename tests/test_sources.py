@@ -266,3 +266,24 @@ def test_a_dataset_split_or_hub_id_that_cannot_be_read_names_the_source(workspac
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"data.sources\[0\].dataset=acme/support-pairs: the hub is off on this machine \(HF_HUB_OFFLINE=1\)"):
         _prepare_from(workspace, dataset="acme/support-pairs")
+
+
+def test_a_store_that_cannot_be_reached_is_retried_and_bad_options_are_not():
+    """A closed port is StoreUnreachable (not a PermanentError: the list-sources task retries it); an option
+    the filesystem does not take is a DataError naming data.sources[i].storage_options."""
+    from finetune.core.config import DataConfig, DataSource
+    from finetune.core.errors import PermanentError
+    from finetune.data.readers import DataError
+    from finetune.data.sources import StoreUnreachable, list_sources
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    options = {"endpoint_url": f"http://127.0.0.1:{closed}", "key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+    with pytest.raises(StoreUnreachable, match=r"data.sources\[0\].url=s3://pairs/nightly/: the store could not be reached") as failure:
+        list_sources(DataConfig(sources=[DataSource(url="s3://pairs/nightly/", storage_options=options)]), secret=lambda name: "")
+    assert not isinstance(failure.value, PermanentError)
+
+    with pytest.raises(DataError, match=r"data.sources\[0\].storage_options: TypeError: .*'no_such_option'"):
+        list_sources(DataConfig(sources=[DataSource(url="s3://pairs/nightly/", storage_options={**options, "no_such_option": 1})]), secret=lambda name: "")

@@ -8,9 +8,9 @@ listed files one at a time; an object that changed since its listing stops the r
 again), so an output never mixes content with a key that does not name it.
 
 A missing bucket, prefix, dataset, config or split and refused credentials are DataErrors naming the
-data.sources entry; a server that cannot be reached is an OSError, which the flow retries. Credentials come
-from a Prefect Secret block (credentials_secret) or the machine's environment; they are never logged,
-written or part of a key.
+data.sources entry; a store that cannot be reached is StoreUnreachable, which the flow retries.
+Credentials come from a Prefect Secret block (credentials_secret) or the machine's environment; they are
+never logged, written or part of a key.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from finetune.data.readers import READABLE, DataError, ReadResult, data_files, f
 PROTOCOLS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure")}
 # What identifies an object's content in a listing, by the name each filesystem gives it.
 CONTENT_FIELDS = ("ETag", "etag", "generation", "VersionId", "version_id")
+
+class StoreUnreachable(OSError):
+    """An object store that could not be reached or answered with a server error: the flow retries it."""
+
 
 Secret = Callable[[str], str]
 # (name shown in reports and errors, its rows and rejects chunk by chunk)
@@ -131,7 +135,9 @@ def storage_error(where: str, url: str, error: Exception) -> Exception:
         return DataError(
             f"{where}.url={url}: access refused ({reason}); check {where}.credentials_secret or the worker's own credentials"
         )
-    return OSError(f"{where}.url={url}: the store could not be reached ({type(error).__name__}: {reason}); retried")
+    if isinstance(error, (TypeError, ValueError, KeyError)):  # options the filesystem does not take
+        return DataError(f"{where}.storage_options: {type(error).__name__}: {reason}; check them against the filesystem's (fsspec)")
+    return StoreUnreachable(f"{where}.url={url}: the store could not be reached ({type(error).__name__}: {reason}); retried")
 
 
 def _list_objects(where: str, source: DataSource, data: DataConfig, secret: Secret) -> list[list[Any]]:
