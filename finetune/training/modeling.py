@@ -97,21 +97,23 @@ def dequantize_frozen_base(model) -> int:
 
 
 def compile_decoder_layers(model, activation_memory_budget: float = 1.0) -> int:
-    """Compile each decoder layer of `model` in place (train.compiled_layers; nn.Module.compile, so the state dict
+    """Compile the decoder layers of `model` in place (train.compiled_layers; nn.Module.compile, so the state dict
     and checkpoints keep their keys); returns how many. The layers are those the model names as not to be split
-    (`_no_split_modules`: LlamaDecoderLayer and the like); they share one compiled graph, shapes left to the
-    compiler (a packed row's length changes every step: it compiles again once, with the length dynamic).
-    `activation_memory_budget` (train.activation_memory_budget) is the compiler's, a process-wide setting read
-    when the layers compile, at the first steps."""
+    (`_no_split_modules`: LlamaDecoderLayer and the like), all but the first: its input, the embeddings, needs no
+    gradient, which would make it a second graph to compile for one layer's work. The others share one graph, shapes
+    left to the compiler: it compiles for the first row's length, then once more with the lengths that changed
+    dynamic (marking every dimension dynamic from the start made compiling slower: README, Training speed).
+    `activation_memory_budget` (train.activation_memory_budget) is the compiler's, a process-wide setting read when
+    the layers compile, at the first steps."""
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = activation_memory_budget
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [module for module in base.modules() if type(module).__name__ in names]
-    for layer in layers:
+    for layer in layers[1:]:
         layer.compile()
-    return len(layers)
+    return len(layers[1:])
 
 
 def compiled_layer_count(model) -> int:

@@ -56,7 +56,8 @@ def _causal(kernel) -> dict:
 
 def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention call for one packed row: query [1, heads, tokens, dim], key and value
-    [1, kv heads, tokens, dim]; returns ([1, tokens, heads, dim], None)."""
+    [1, kv heads, tokens, dim]; returns ([1, tokens, heads, dim], None). Traceable by torch.compile (the kernel is
+    a custom op, and the row's boundaries are its inputs), so compiled layers hold it in their graph."""
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None or query.shape[0] != 1:
         raise InternalError(
@@ -65,12 +66,12 @@ def varlen_attention(module, query, key, value, attention_mask, *, scaling=None,
         )
     if dropout:
         raise InternalError(f"{ATTENTION} attention has no dropout; the model asks for {dropout}")
-    kernel = _kernel()
+    kernel, causal, gqa = _KERNEL["call"], _KERNEL["causal"], _KERNEL["gqa"]
     dtype = _half(query.dtype)
     q, k, v = (t.squeeze(0).transpose(0, 1).to(dtype) for t in (query, key, value))  # [tokens, heads, dim]
-    extra = _causal(kernel)
+    extra = dict(causal)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: fewer key/value heads
-        if "enable_gqa" in inspect.signature(kernel).parameters:
+        if gqa:
             extra["enable_gqa"] = True
         else:
             repeats = q.shape[1] // k.shape[1]
@@ -78,10 +79,15 @@ def varlen_attention(module, query, key, value, attention_mask, *, scaling=None,
     device = q.device
     cu_q = cu_seq_lens.to(device=device, dtype=torch.int32, non_blocking=True)
     cu_k = kwargs.get("cu_seq_lens_k", cu_seq_lens).to(device=device, dtype=torch.int32, non_blocking=True)
-    max_q = int(kwargs.get("max_length_q") or (cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-    max_k = int(kwargs.get("max_length_k") or max_q)
+    max_q = kwargs.get("max_length_q") or int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    max_k = kwargs.get("max_length_k") or max_q
     out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scaling, **extra)
     return out.unsqueeze(0).to(query.dtype), None
+
+
+# The kernel and how this torch's signature asks for causal attention and grouped-query heads: looked up once,
+# in use_varlen_attention, since a compiled graph cannot trace inspect.signature.
+_KERNEL: dict = {}
 
 
 def _half(dtype: torch.dtype) -> torch.dtype:
@@ -101,8 +107,10 @@ def _no_mask(*args, **kwargs):
 
 def use_varlen_attention(model) -> None:
     """Register the attention function (again is harmless) and switch `model` to it."""
-    # Left out of compiled layers (train.compiled_layers): the kernel is one call already, and its boundaries are
-    # Python numbers that change every step.
-    AttentionInterface.register(ATTENTION, torch.compiler.disable(varlen_attention))
+    kernel = _kernel()
+    if kernel is None:
+        raise InternalError(f"torch {torch.__version__} has no variable-length attention kernel; check varlen.available() first")
+    _KERNEL.update(call=kernel, causal=_causal(kernel), gqa="enable_gqa" in inspect.signature(kernel).parameters)
+    AttentionInterface.register(ATTENTION, varlen_attention)
     AttentionMaskInterface.register(ATTENTION, _no_mask)
     model.set_attn_implementation(ATTENTION)
