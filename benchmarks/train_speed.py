@@ -266,7 +266,43 @@ def profiled(table: Path, run, *args) -> dict:
     with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.unlink()
+    if cuda:
+        table.write_text(timeline_summary(Path(f"{trace}.gz")) + "\n" + table.read_text())
     return result
+
+
+GPU_WORK = (  # (kind of GPU work, fragments of its kernels' names), first match wins
+    ("attention (flash, variable-length)", ("flash", "fmha")),
+    ("NF4 dequantization (bitsandbytes)", ("dequantize",)),
+    ("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "splitk")),
+    ("compiled fused kernels (Triton)", ("triton",)),
+    ("copies and fills", ("memcpy", "memset")),
+)
+
+
+def timeline_summary(trace: Path) -> str:
+    """Where the profiled steps' wall time went on the GPU, from their timeline: each kind of kernel's
+    milliseconds a step, and the time the GPU ran nothing (waiting for the host: launches, syncs, the
+    Trainer's work between steps)."""
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep")]
+    if not steps:
+        return ""
+    start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and start <= e["ts"] <= end), key=lambda e: e["ts"])
+    spent: dict[str, float] = {}
+    busy, reach = 0.0, start
+    for e in kernels:
+        name = e["name"].lower()
+        kind = next((kind for kind, parts in GPU_WORK if any(part in name for part in parts)), "other kernels (eager elementwise, optimizer, loss)")
+        spent[kind] = spent.get(kind, 0.0) + e["dur"]
+        busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], reach))
+        reach = max(reach, e["ts"] + e["dur"])
+    count, wall = len(steps), end - start
+    spent["GPU idle (waiting for the host)"] = wall - busy
+    lines = [f"GPU time of a step, from the timeline ({wall / count / 1000:.1f} ms a step under the profiler):"]
+    lines += [f"  {us / count / 1000:7.1f} ms {us / wall:6.1%}  {kind}" for kind, us in sorted(spent.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n"
 
 
 PROFILED_STEPS = 3

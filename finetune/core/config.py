@@ -363,12 +363,12 @@ class TrainConfig(Section):
     )
     compiled_layers: bool = Field(
         False,
-        description="On a CUDA GPU, eager steps (not cuda_graphs' replays): compile each decoder layer with torch.compile "
-        "(attention left to its kernel), fusing the norms, rotary embeddings, activation, dropout and residuals into "
-        "fewer kernels. Compiling takes a while at the first steps (counted in the run's time; the compiler caches "
-        "it for later runs). The same steps and loss up to rounding; ignored on the CPU. Measured on an H200 (7B shape, "
-        "the long workload's 500 steps): 10,710 tokens/s at 42.1 GiB against the eager step's 9,342 at 62.7; with "
-        "dequantized_base 13,451 at 51.0 GiB (README: Training speed).",
+        description="On a CUDA GPU, eager steps (not cuda_graphs' replays): compile the decoder layers but the first "
+        "with torch.compile, one graph a layer with the attention kernel inside, fusing the norms, rotary embeddings, "
+        "activation, dropout and residuals into fewer kernels. Compiling takes the first two steps (counted in the "
+        "run's time; the compiler caches it on disk for later runs). The same steps and loss up to rounding; ignored "
+        "on the CPU. Measured on an H200 (7B shape, the long workload's 500 steps): 13,291 tokens/s (36.9% MFU) at "
+        "42.7 GiB against the eager step's 9,342 at 62.7, 17 s of it compiling (README: Training speed).",
     )
     activation_memory_budget: float = Field(
         1.0,
@@ -376,8 +376,9 @@ class TrainConfig(Section):
         le=1,
         description="With compiled_layers: the share of the activations the compiler would keep for the backward pass "
         "that it may keep (torch.compile's activation_memory_budget); below 1 it recomputes the cheapest of the rest "
-        "in the backward. Measured on an H200 (7B shape, long workload): 0.9 took the peak from 42.1 to 30.1 GiB "
-        "at 0.91x the tokens/s, 0.7 to 29.6 GiB at 0.87x. Not part of the train key: the same computation.",
+        "in the backward. Measured on an H200 (7B shape, long workload, before the attention kernel joined the "
+        "layer's graph): 0.9 took the peak from 42.1 to 30.1 GiB at 0.91x the tokens/s, 0.7 to 29.6 GiB at 0.87x. "
+        "Not part of the train key: the same computation.",
     )
     gradient_checkpointing: bool | None = Field(
         None,
