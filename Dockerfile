@@ -18,6 +18,11 @@ COPY configs configs
 COPY data/eval data/eval
 COPY prefect.yaml ./
 
+# The caches live on the volume too: the hub's downloads, file digests, and torch.compile's and Triton's compiled
+# kernels (train.compiled_layers: a warm cache halved compiling on an H200, 17.4 to 8.4 s), so the next pod,
+# on any node, starts warm.
 ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/workspace/hf-home \
-    FINETUNE_CACHE_DIR=/workspace/cache
+    FINETUNE_CACHE_DIR=/workspace/cache \
+    TORCHINDUCTOR_CACHE_DIR=/workspace/cache/torchinductor \
+    TRITON_CACHE_DIR=/workspace/cache/triton

@@ -219,6 +219,10 @@ def test_the_cluster_deployment_renders_a_gpu_job_that_mounts_the_shared_volume(
     workdir = re.search(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
     assert container["workingDir"] == workdir
+    # The image's caches (hub downloads, file digests, compiled kernels) are on the volume as well.
+    image_env = dict(re.findall(r"^\s*(\w+)=(\S+?)\s*\\?$", (ROOT / "Dockerfile").read_text(), re.M))
+    caches = {name: image_env.get(name) for name in ("HF_HOME", "FINETUNE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    assert all(value and value.startswith("/workspace/") for value in caches.values()), caches
 
 
 def _rendered(scheduling, name: str):
