@@ -1,4 +1,5 @@
 from typing import get_args
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,3 +164,21 @@ def test_check_hardware_raises_every_problem(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^train\.optim=paged_adamw_8bit needs a CUDA GPU"):
         check_hardware(config)
+
+
+def test_auto_computes_in_bf16_on_a_cpu_only_where_it_has_bf16_instructions():
+    """quant.compute_dtype=auto on a CPU: bf16 where /proc/cpuinfo lists bf16 matrix instructions (x86's
+    avx512_bf16 or amx_bf16, Arm's bf16), fp32 elsewhere: emulated bf16 is tens of times slower than fp32."""
+    import torch
+
+    from finetune.core.config import ComputeDtype
+    from finetune.training.modeling import pick_compute_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine picks by its GPU")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    native = bool(set(cpuinfo.read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    assert pick_compute_dtype(ComputeDtype.auto) == (torch.bfloat16 if native else torch.float32)
+    assert pick_compute_dtype(ComputeDtype.bfloat16) == torch.bfloat16  # asked for, it is kept

@@ -270,7 +270,8 @@ class QuantConfig(Section):
     compute_dtype: ComputeDtype = Field(
         ComputeDtype.auto,
         description="Dtype of the matmuls on dequantized weights: bf16 is fast and range-safe but needs Ampere+ "
-        "on GPUs, fp16 can overflow, fp32 is exact and slowest; auto picks from the hardware.",
+        "on GPUs and bf16 instructions on CPUs (emulated, it is far slower than fp32), fp16 can overflow, fp32 is "
+        "exact; auto picks from the hardware.",
     )
 
 
