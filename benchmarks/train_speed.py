@@ -48,9 +48,9 @@ import gzip
 import json
 import logging
 import platform
-import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -209,14 +209,17 @@ class StepTimes(logging.Handler):
 
     WARMUP_STEPS = 5
 
-    def __init__(self):
+    def __init__(self, on_step: Callable[[], object] | None = None):
         super().__init__(logging.INFO)
         self.times: dict[int, float] = {}
+        self.on_step = on_step
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("step ") and "/" in message:
             self.times[int(message.split()[1].split("/")[0])] = time.perf_counter()
+            if self.on_step is not None:
+                self.on_step()
 
     def first(self, started: float, count: int = 8) -> list[float]:
         """Seconds of each of the first `count` steps (the first from `started`: loading the model included)."""
@@ -246,29 +249,30 @@ def profiled(table: Path, run, *args) -> dict:
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     wait = 2 * StepTimes.WARMUP_STEPS
-    steps = StepTimes()
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=PROFILED_STEPS, repeat=1)) as prof:
-        stepper = ProfilerSteps(prof, steps)
-        logging.getLogger("finetune").addHandler(stepper)
+        steps = StepTimes(on_step=prof.step)  # the profiler's schedule advances at each step's log line
+        logging.getLogger("finetune").addHandler(steps)
         try:
             result = run(*args)
         finally:
-            logging.getLogger("finetune").removeHandler(stepper)
+            logging.getLogger("finetune").removeHandler(steps)
     averages = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     first, last = wait + 1, wait + 1 + PROFILED_STEPS
     seconds = steps.times[last] - steps.times[first] if {first, last} <= steps.times.keys() else None
     heading = f"steps {first + 1} to {last} ({PROFILED_STEPS} steps" + (f", {seconds:.3f} s wall" if seconds else "") + ")\n"
+    trace = table.with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto (kept gzipped)
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(heading + averages.table(sort_by=sort, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
-    trace = table.with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto (gzipped)
     prof.export_chrome_trace(str(trace))
-    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-        shutil.copyfileobj(raw, packed)
+    timeline = trace.read_bytes()
     trace.unlink()
-    if cuda:
-        table.write_text(timeline_summary(Path(f"{trace}.gz")) + "\n" + table.read_text())
+    Path(f"{trace}.gz").write_bytes(gzip.compress(timeline))
+    summary = timeline_summary(json.loads(timeline)["traceEvents"]) if cuda else ""
+    table.write_text(summary + heading + averages.table(sort_by=sort, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
     return result
+
+
+PROFILED_STEPS = 3
 
 
 GPU_WORK = (  # (kind of GPU work, fragments of its kernels' names), first match wins
@@ -280,11 +284,10 @@ GPU_WORK = (  # (kind of GPU work, fragments of its kernels' names), first match
 )
 
 
-def timeline_summary(trace: Path) -> str:
-    """Where the profiled steps' wall time went on the GPU, from their timeline: each kind of kernel's
+def timeline_summary(events: list[dict]) -> str:
+    """Where the profiled steps' wall time went on the GPU, from their timeline's events: each kind of kernel's
     milliseconds a step, and the time the GPU ran nothing (waiting for the host: launches, syncs, the
     Trainer's work between steps)."""
-    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     steps = [e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep")]
     if not steps:
         return ""
@@ -304,22 +307,6 @@ def timeline_summary(trace: Path) -> str:
     lines += [f"  {us / count / 1000:7.1f} ms {us / wall:6.1%}  {kind}" for kind, us in sorted(spent.items(), key=lambda kv: -kv[1])]
     return "\n".join(lines) + "\n"
 
-
-PROFILED_STEPS = 3
-
-
-class ProfilerSteps(logging.Handler):
-    """Steps torch.profiler's schedule at each `step N/M` line of the train stage, and keeps the lines' times."""
-
-    def __init__(self, prof, steps: StepTimes):
-        super().__init__(logging.INFO)
-        self.prof, self.steps = prof, steps
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("step ") and "/" in message:
-            self.steps.emit(record)
-            self.prof.step()
 
 
 def compare(results: list[dict]) -> dict:
