@@ -21,6 +21,9 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
   `fast_compiled_budget_0.9` lets the compiler keep 90% of the activations it would (`train.activation_memory_budget`);
   `fast_compiled_rows_4096`, `fast_dequantized_compiled`, `fast_dequantized_fused` and
   `fast_dequantized_compiled_rows_4096` combine levers;
+- `fast_one_process`, `fast_compiled_budget_0.9_one_process`: batches collated by the training process itself
+  (`train.data_workers=0`), as before worker processes collated the next ones on CUDA;
+- `fast_fused_adamw`: the fast step with AdamW's update as one fused kernel (`train.optim=adamw_torch_fused`);
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
 - `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
@@ -68,6 +71,9 @@ RECIPES = {
     "fast_compiled_rows_4096": ["train.compiled_layers=true", "train.max_row_tokens=4096"],
     "fast_dequantized_fused": ["train.dequantized_base=true", "train.fused_kernels=true"],
     "fast_dequantized_compiled_rows_4096": ["train.dequantized_base=true", "train.compiled_layers=true", "train.max_row_tokens=4096"],
+    "fast_one_process": ["train.data_workers=0"],
+    "fast_fused_adamw": ["train.optim=adamw_torch_fused"],
+    "fast_compiled_budget_0.9_one_process": ["train.compiled_layers=true", "train.activation_memory_budget=0.9", "train.data_workers=0"],
     "low_memory": ["train.gradient_checkpointing=true"],
     "fast_2_gpus": ["train.num_gpus=2"],
 }

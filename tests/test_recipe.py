@@ -51,6 +51,8 @@ def test_the_fast_recipe_takes_the_whole_step_at_once_and_low_memory_recomputes(
 
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.padding_free) == (4, 1, True)
     assert getattr(args, CHECKPOINTING_ARG) is False
+    # On the CPU the training process collates each micro-batch itself: workers would take its cores.
+    assert (args.dataloader_num_workers, args.dataloader_pin_memory) == (0, False)
     low_memory = load_config(ROOT / "configs" / "default.yaml", ["train.gradient_checkpointing=true"]).train
     assert step_shape(low_memory) == (4, 1) and recomputes_activations(low_memory)
 
@@ -122,6 +124,30 @@ def test_tensorboard_tracking_logs_every_step_and_leaves_the_train_key_alone(wor
     (events,) = {path.parent for path in checkpoints_dir(tmp_path, out.name).glob("runs/*/events.out.tfevents.*")}
     logged = EventAccumulator(str(events)).Reload().Scalars("train/loss")
     assert [event.step for event in logged] == steps and len(steps) == 4
+
+
+@pytest.mark.slow
+def test_batches_collated_by_worker_processes_train_the_same_steps(workspace, tiny_model_dir, tmp_path):
+    """train.data_workers: the next micro-batches are collated in other processes (2 by default for the fast
+    recipe on a CUDA GPU, 0 on the CPU); the steps are the same batches in the same order, with the same losses."""
+    from finetune.stages.train import train_adapter
+    from tests.conftest import tokenized_data, train_inputs, workspace_overrides
+
+    common = [*workspace_overrides(workspace), f"model.base={tiny_model_dir}", "train.epochs=0.25", "lora.dropout=0"]
+    assert load_config(ROOT / "configs" / "tiny.yaml", common).train.data_workers == "auto"
+    losses, keys = {}, set()
+    for workers in (0, 1):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [*common, f"train.data_workers={workers}"])
+        args = sft_config(config.train, tmp_path, StepPlan(4, 1, "packed"), compute_dtype=torch.float32, use_cpu=True)
+        assert (args.dataloader_num_workers, args.dataloader_persistent_workers) == (workers, workers > 0)
+        _, tokenized_dir = tokenized_data(config, tiny_model_dir, tmp_path)
+        inputs = train_inputs(config, tokenized_dir, tiny_model_dir)
+        keys.add(train_adapter.key(inputs))
+        out = train_adapter(inputs, tmp_path / str(workers))
+        losses[workers] = [entry["loss"] for entry in json.loads((out / "log_history.json").read_text())]
+
+    assert len(keys) == 1  # how batches are collated is not what is trained
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6), losses
 
 
 def test_a_tracker_that_is_not_installed_is_named_with_its_extra():

@@ -381,6 +381,14 @@ class TrainConfig(Section):
         "layer's graph): 0.9 took the peak from 42.1 to 30.1 GiB at 0.91x the tokens/s, 0.7 to 29.6 GiB at 0.87x. "
         "Not part of the train key: the same computation.",
     )
+    data_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes that collate the next micro-batches while the GPU computes (the Trainer's "
+        "dataloader_num_workers), into pinned memory copied without waiting: the GPU does not sit idle while the host "
+        "lays out the next rows. auto: 2 for the fast recipe on a CUDA GPU, 0 (collated in the training process) on "
+        "the CPU, where workers would take cores from the computation, and for the seed recipe, which keeps the "
+        "seed's loop. Not part of the train key: the same batches.",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass: less memory, slower. null: the recipe's own (seed: "
@@ -407,7 +415,9 @@ class TrainConfig(Section):
         "Not part of the train key: turning it on does not retrain, and a cached train stage logs nothing new.",
     )
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"report_to", "num_gpus", "max_row_tokens", "activation_memory_budget"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset(
+        {"report_to", "num_gpus", "max_row_tokens", "activation_memory_budget", "data_workers"}
+    )
 
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:

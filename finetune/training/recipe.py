@@ -172,8 +172,8 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
         data_seed=train.seed,
         report_to=list(train.report_to) or "none",
         disable_tqdm=True,  # progress goes to the log instead, one line per step
-        dataloader_num_workers=0,
         max_length=None,  # tokenize already enforced tokenize.max_length
+        **data_loading(train, use_cpu),
         **fused_kernels(train, use_cpu),
     )
     # One process trains on one GPU (several are train.num_gpus' ranks, each a process). With more GPUs
@@ -187,6 +187,27 @@ def sft_config(train: TrainConfig, output_dir: Path, plan: StepPlan, compute_dty
                 f"transformers {transformers.__version__} no longer reads TrainingArguments._n_gpu, which one-process "
                 "training on a machine with several GPUs sets; set train.num_gpus to the GPU count meanwhile"
             )
+    return args
+
+
+# Collating processes of the fast recipe on a CUDA GPU (train.data_workers: auto), each this many batches ahead.
+DATA_WORKERS = 2
+PREFETCH_BATCHES = 4
+
+
+def data_loading(train: TrainConfig, use_cpu: bool) -> dict:
+    """The Trainer's data loading for `train`. With workers, the next micro-batches are collated in other processes
+    while the GPU computes this one; on a CUDA GPU they come in pinned memory and are copied to it without the host
+    waiting. Otherwise the training process collates each micro-batch when the step asks for it, as the seed did."""
+    cuda = not use_cpu and torch.cuda.is_available()
+    workers = train.data_workers
+    if workers == "auto":
+        workers = DATA_WORKERS if cuda and train.recipe == "fast" else 0
+    args: dict = {"dataloader_num_workers": workers, "dataloader_pin_memory": cuda}
+    if workers:  # kept across epochs: a new process per epoch would start cold
+        args |= {"dataloader_persistent_workers": True, "dataloader_prefetch_factor": PREFETCH_BATCHES}
+    if cuda:
+        args["accelerator_config"] = {"non_blocking": True}
     return args
 
 
