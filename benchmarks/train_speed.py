@@ -26,6 +26,8 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `fast_fused_adamw`: the fast step with AdamW's update as one fused kernel (`train.optim=adamw_torch_fused`);
 - `fast_eager`: the same step without the graph (`train.cuda_graphs=false`): packed, eager;
 - `low_memory`: the fast step with gradient checkpointing (`train.gradient_checkpointing=true`);
+  `low_memory_compiled` with its layers compiled too; `fast_eager_compiled_budget_0.05` recomputes in the
+  compiled layers instead (no graph, no checkpointing, the compiler keeps 5% of the activations it would);
 - `fast_2_gpus`: the fast step as two data-parallel ranks (`train.num_gpus=2`), each half of every
   step: the same global batch and steps as one GPU.
 
@@ -75,6 +77,8 @@ RECIPES = {
     "fast_fused_adamw": ["train.optim=adamw_torch_fused"],
     "fast_compiled_budget_0.9_one_process": ["train.compiled_layers=true", "train.activation_memory_budget=0.9", "train.data_workers=0"],
     "low_memory": ["train.gradient_checkpointing=true"],
+    "low_memory_compiled": ["train.gradient_checkpointing=true", "train.compiled_layers=true"],
+    "fast_eager_compiled_budget_0.05": ["train.cuda_graphs=false", "train.compiled_layers=true", "train.activation_memory_budget=0.05"],
     "fast_2_gpus": ["train.num_gpus=2"],
 }
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}  # dense bf16, by name fragment (first match)

@@ -29,6 +29,7 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
     summary = json.loads((train_dir / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["peak_memory_kind"] == "cuda_max_allocated"
     assert summary["train_steps"] == 13
+    assert summary["data_workers"] == 2  # the next micro-batches collated by worker processes (train.data_workers: auto)
     evaluation = evaluate_adapter(EvaluateInputs(
         train_dir=train_dir, model_dir=tiny_model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,

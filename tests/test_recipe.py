@@ -144,6 +144,7 @@ def test_batches_collated_by_worker_processes_train_the_same_steps(workspace, ti
         inputs = train_inputs(config, tokenized_dir, tiny_model_dir)
         keys.add(train_adapter.key(inputs))
         out = train_adapter(inputs, tmp_path / str(workers))
+        assert json.loads((out / "summary.json").read_text())["data_workers"] == workers
         losses[workers] = [entry["loss"] for entry in json.loads((out / "log_history.json").read_text())]
 
     assert len(keys) == 1  # how batches are collated is not what is trained

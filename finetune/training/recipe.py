@@ -317,7 +317,7 @@ def loss_history(trainer: SFTTrainer) -> list[dict]:
 
 
 def summarize(trainer: SFTTrainer, dataset: Dataset, train: TrainConfig, resumed_step: int, train_seconds: float) -> dict:
-    """Steps, losses, parameters and throughput of a finished `trainer.train()`."""
+    """Steps, losses, parameters, throughput and data workers of a finished `trainer.train()`."""
     state = trainer.state
     history = loss_history(trainer)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -335,4 +335,5 @@ def summarize(trainer: SFTTrainer, dataset: Dataset, train: TrainConfig, resumed
         "base_memory_bytes_16bit": int(total - trainable) * 2,
         "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "data_workers": trainer.args.dataloader_num_workers,
     }
