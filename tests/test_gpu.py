@@ -188,7 +188,7 @@ def _train_long(
     return runs
 
 
-def test_a_packed_row_through_the_varlen_kernel_computes_each_example_alone(tiny_model_dir):
+def test_a_packed_row_through_the_varlen_kernel_computes_each_example_alone(tiny_model_dir, monkeypatch):
     """The forward of long examples packed in one row through the variable-length kernel against each example
     on its own through sdpa (bf16): the same logits to bf16 rounding. The same row with attention reaching
     across examples (the kernel's bidirectional window) differs by far more: the check can fail."""
@@ -210,12 +210,9 @@ def test_a_packed_row_through_the_varlen_kernel_computes_each_example_alone(tiny
         )  # fmt: skip
         varlen.use_varlen_attention(model)
         packed = model(**packed_inputs).logits[0].float()
-        causal = varlen._causal
-        varlen._causal = lambda kernel: {"window_size": (-1, -1)}  # attention both ways: what a wrong mask would do
-        try:
-            leaking = model(**packed_inputs).logits[0].float()
-        finally:
-            varlen._causal = causal
+        # Attention both ways, what a wrong mask would do: the kernel's arguments as use_varlen_attention looked them up.
+        monkeypatch.setitem(varlen._KERNEL, "causal", {"window_size": (-1, -1)})
+        leaking = model(**packed_inputs).logits[0].float()
 
     scale = alone.abs().max().item()
     error, leak = (packed - alone).abs().max().item(), (leaking - alone).abs().max().item()
