@@ -166,6 +166,34 @@ def test_check_hardware_raises_every_problem(monkeypatch):
         check_hardware(config)
 
 
+def test_triton_kernels_on_a_gpu_need_triton_and_a_c_compiler_before_any_stage(monkeypatch):
+    """train.compiled_layers and train.fused_kernels run Triton kernels on a CUDA GPU: without Triton, or without
+    the C compiler it builds their launchers with, the run stops before any stage, naming the key."""
+    import torch
+
+    from finetune.core.preflight import c_compiler, compiler_problems
+
+    both = load_config(None, ["train.compiled_layers=true", "train.fused_kernels=true"])
+    assert compiler_problems(both, cuda=True, triton=True, compiler="/usr/bin/gcc") == []
+    assert compiler_problems(both, cuda=False, triton=False, compiler=None) == []  # ignored on the CPU
+    assert compiler_problems(FinetuneConfig(), cuda=True, triton=False, compiler=None) == []  # both off by default
+    no_triton = compiler_problems(both, cuda=True, triton=False, compiler="/usr/bin/gcc")
+    assert [p.split(" ")[0] for p in no_triton] == ["train.compiled_layers", "train.fused_kernels"]
+    assert all("needs Triton" in p for p in no_triton)
+    (no_compiler,) = compiler_problems(load_config(None, ["train.compiled_layers=true"]), cuda=True, triton=True, compiler=None)
+    assert no_compiler.startswith("train.compiled_layers needs a C compiler") and "set train.compiled_layers: false" in no_compiler
+
+    monkeypatch.setenv("CC", "/opt/cross/bin/cc")
+    assert c_compiler() == "/opt/cross/bin/cc"  # Triton takes $CC first
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert c_compiler() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    with pytest.raises(ConfigError, match=r"^train\.compiled_layers needs "):
+        check_hardware(both)
+
+
 def test_auto_computes_in_bf16_on_a_cpu_only_where_it_has_bf16_instructions():
     """quant.compute_dtype=auto on a CPU: bf16 where /proc/cpuinfo lists bf16 matrix instructions (x86's
     avx512_bf16 or amx_bf16, Arm's bf16), fp32 elsewhere: emulated bf16 is tens of times slower than fp32."""

@@ -1,9 +1,13 @@
-"""What a run checks of the machine before any stage: hardware, trackers and converters the config asks for.
+"""What a run checks of the machine before any stage: hardware, trackers, converters and compilers the config
+asks for.
 
 Pure where it can be (`hardware_problems` poses any machine for tests); `check_hardware` imports torch.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 from finetune.core.config import (
     CUDA_OPTIMIZERS,
@@ -60,13 +64,41 @@ def export_problems(config: FinetuneConfig) -> list[str]:
     return [GGUF_CONVERTER_MISSING] if config.export.gguf and find_spec(GGUF_CONVERTER) is None else []
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its kernel launchers with, looked for as Triton does on Linux: $CC, gcc, clang."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+
+
+def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler: str | None) -> list[str]:
+    """What the Triton kernels `config` asks for on a CUDA GPU (train.compiled_layers, train.fused_kernels) lack
+    here; pure, like hardware_problems. Without them training would stop at its first step, the model loaded;
+    both settings are ignored on the CPU."""
+    if not cuda:
+        return []
+    problems = []
+    for key in ("compiled_layers", "fused_kernels"):
+        if not getattr(config.train, key):
+            continue
+        if not triton:
+            problems.append(f"train.{key} needs Triton, which torch's CUDA wheels install: pip install triton, or set train.{key}: false")
+        elif compiler is None:
+            problems.append(
+                f"train.{key} needs a C compiler for Triton's kernel launchers and none was found ($CC, gcc, clang): "
+                f"install gcc (apt-get install gcc) or set CC to one, or set train.{key}: false"
+            )
+    return problems
+
+
 def check_hardware(config: FinetuneConfig) -> None:
     """Raise ConfigError listing every hardware problem of `config` on this machine; imports torch."""
+    from importlib.util import find_spec
+
     import torch
 
     cuda = torch.cuda.is_available()
     # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config) + export_problems(config)
+    problems += compiler_problems(config, cuda=cuda, triton=find_spec("triton") is not None, compiler=c_compiler())
     if problems:
         raise ConfigError("\n".join(problems))
