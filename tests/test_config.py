@@ -182,6 +182,11 @@ def test_triton_kernels_on_a_gpu_need_triton_and_a_c_compiler_before_any_stage(m
     assert all("needs Triton" in p for p in no_triton)
     (no_compiler,) = compiler_problems(load_config(None, ["train.compiled_layers=true"]), cuda=True, triton=True, compiler=None)
     assert no_compiler.startswith("train.compiled_layers needs a C compiler") and "set train.compiled_layers: false" in no_compiler
+    fused = load_config(None, ["train.fused_kernels=true"])
+    assert compiler_problems(fused, cuda=True, triton=True, compiler="/usr/bin/gcc", liger=False) == [
+        "train.fused_kernels is true but the liger-kernel package is not installed: pip install -e '.[fused]' "
+        "(or liger-kernel), or set train.fused_kernels: false"
+    ]
 
     monkeypatch.setenv("CC", "/opt/cross/bin/cc")
     assert c_compiler() == "/opt/cross/bin/cc"  # Triton takes $CC first

@@ -69,10 +69,16 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
 
 
-def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler: str | None) -> list[str]:
-    """What the Triton kernels `config` asks for on a CUDA GPU (train.compiled_layers, train.fused_kernels) lack
-    here; pure, like hardware_problems. Without them training would stop at its first step, the model loaded;
-    both settings are ignored on the CPU."""
+LIGER_MISSING = (
+    "train.fused_kernels is true but the liger-kernel package is not installed: pip install -e '.[fused]' "
+    "(or liger-kernel), or set train.fused_kernels: false"
+)
+
+
+def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler: str | None, liger: bool = True) -> list[str]:
+    """What the Triton kernels `config` asks for on a CUDA GPU (train.compiled_layers, train.fused_kernels: Liger's)
+    lack here; pure, like hardware_problems. Without them training would stop after loading the model; both
+    settings are ignored on the CPU."""
     if not cuda:
         return []
     problems = []
@@ -86,7 +92,7 @@ def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler
                 f"train.{key} needs a C compiler for Triton's kernel launchers and none was found ($CC, gcc, clang): "
                 f"install gcc (apt-get install gcc) or set CC to one, or set train.{key}: false"
             )
-    return problems
+    return problems + ([LIGER_MISSING] if config.train.fused_kernels and not liger else [])
 
 
 def check_hardware(config: FinetuneConfig) -> None:
@@ -99,6 +105,7 @@ def check_hardware(config: FinetuneConfig) -> None:
     # Without emulation: pre-Ampere GPUs (T4, V100) can hold bf16 tensors but compute in it slowly.
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     problems = hardware_problems(config, cuda=cuda, bf16=bf16) + tracking_problems(config) + export_problems(config)
-    problems += compiler_problems(config, cuda=cuda, triton=find_spec("triton") is not None, compiler=c_compiler())
+    found = {name: find_spec(name) is not None for name in ("triton", "liger_kernel")}
+    problems += compiler_problems(config, cuda=cuda, triton=found["triton"], compiler=c_compiler(), liger=found["liger_kernel"])
     if problems:
         raise ConfigError("\n".join(problems))

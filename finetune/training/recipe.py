@@ -31,6 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
+from finetune.core.preflight import LIGER_MISSING
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
 from finetune.training.modeling import DequantizedLinear, compile_decoder_layers, compiled_layer_count, dequantize_frozen_base, load_base
@@ -220,10 +221,7 @@ def fused_kernels(train: TrainConfig, use_cpu: bool) -> dict:
     if not train.fused_kernels or use_cpu or not torch.cuda.is_available():
         return {}
     if importlib.util.find_spec("liger_kernel") is None:
-        raise PermanentError(
-            "train.fused_kernels is true but the liger-kernel package is not installed: pip install -e '.[fused]' "
-            "(or liger-kernel), or set train.fused_kernels: false"
-        )
+        raise PermanentError(LIGER_MISSING)  # also checked before any stage (check_hardware)
     return {"use_liger_kernel": True, "liger_kernel_config": dict(LIGER_KERNELS)}
 
 
