@@ -1,4 +1,4 @@
-"""The `finetune` flow: prepare -> resolve_model -> tokenize -> train -> evaluate -> merge -> score -> promote.
+"""The `finetune` flow: prepare -> resolve_model -> tokenize -> quantize_base -> train -> evaluate -> merge -> score -> promote.
 
 The flow only chains tasks and keeps the run record; each stage's logic is in finetune/<stage>.py.
 Every stage takes one inputs object, built here by keyword from upstream output folders and config
@@ -28,6 +28,7 @@ from finetune.stages.evaluate import EvaluateInputs, ScoreInputs
 from finetune.stages.export import ExportInputs
 from finetune.stages.merge import MergeInputs
 from finetune.stages.prepare import PrepareInputs
+from finetune.stages.quantize import QuantizeInputs
 from finetune.stages.resolve import ResolveInputs
 from finetune.stages.tokenize import TokenizeInputs
 from finetune.stages.train import TrainInputs
@@ -40,6 +41,7 @@ from tasks.stages import (
     list_sources_task,
     merge_task,
     prepare_task,
+    quantize_task,
     resolve_model_task,
     score_task,
     tokenize_task,
@@ -224,11 +226,14 @@ def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
         prepared_dir=prepared_dir, model_dir=model_dir, tokenize=config.tokenize,
     ), paths.processed_dir)  # fmt: skip
     _since_champion(record, config, prepared_dir, tokenized_dir)
+    base_dir = model_dir  # what train and evaluate load: the base quantized once, or as it is (16-bit LoRA)
+    if config.quant.load_in_4bit:
+        base_dir = _run_stage(record, quantize_task, QuantizeInputs.of(model_dir, config.quant), paths.output_dir)
     train_dir = _run_stage(record, train_task, TrainInputs(
-        tokenized_dir=tokenized_dir, model_dir=model_dir, quant=config.quant, lora=config.lora, train=config.train,
+        tokenized_dir=tokenized_dir, model_dir=base_dir, quant=config.quant, lora=config.lora, train=config.train,
     ), paths.output_dir)  # fmt: skip
     _run_stage(record, evaluate_task, EvaluateInputs(
-        train_dir=train_dir, model_dir=model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
+        train_dir=train_dir, model_dir=base_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,
     ), paths.output_dir)  # fmt: skip
     merged_dir = _run_stage(record, merge_task, MergeInputs(

@@ -30,6 +30,7 @@ from finetune.stages.evaluate import evaluate_adapter, score_model
 from finetune.stages.export import export_gguf
 from finetune.stages.merge import merge_adapter
 from finetune.stages.prepare import prepare_dataset
+from finetune.stages.quantize import quantize_base
 from finetune.stages.resolve import resolve_model
 from finetune.stages.tokenize import tokenize_dataset
 from finetune.stages.train import train_adapter
@@ -163,6 +164,7 @@ def list_sources_task(data: DataConfig, token_secret: str | None) -> Listed:
 prepare_task = stage_task(prepare_dataset)
 resolve_model_task = stage_task(resolve_model, retries=2, retry_delay_seconds=[5, 30])
 tokenize_task = stage_task(tokenize_dataset)
+quantize_task = stage_task(quantize_base, retries=1, retry_delay_seconds=[10])
 train_task = stage_task(
     train_adapter, retries=2, retry_delay_seconds=[10, 60],
     progress=("training-progress", "Optimizer steps done, in %"), slot=TRAINING_SLOT,

@@ -110,7 +110,7 @@ def test_retrying_a_run_that_failed_after_training_reruns_only_the_failed_stage(
 
     assert done["state"]["type"] == "COMPLETED", done["state"]
     retry = run_record(scheduling, flow_run_id)
-    assert stage_states(retry) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "train": "cached",
+    assert stage_states(retry) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "quantize_base": "cached", "train": "cached",
                               "evaluate": "cached", "merge": "completed", "score": "completed",
                               "score_champion": "completed"}  # fmt: skip  (the champion's score in this output_dir)
     summary = json.loads(Path(retry["stages"]["train"]["output_dir"], "summary.json").read_text())

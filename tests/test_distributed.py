@@ -53,24 +53,27 @@ def _config(workspace: Path, *extra: str):
 
 
 def test_two_ranks_train_the_steps_of_one_process_and_rank_zero_streams_its_log(workspace, tiny_model_dir, tmp_path):
+    from finetune.stages.quantize import QuantizeInputs, quantize_base
     from finetune.stages.train import train_adapter
 
     config = _config(workspace, "train.epochs=0.25")  # 4 steps
     _, tokenized_dir = tokenized_data(config, tiny_model_dir, tmp_path)
-    inputs = train_inputs(config, tokenized_dir, tiny_model_dir)
+    inputs = train_inputs(config, tokenized_dir, tiny_model_dir)  # one process quantizes while loading
     one = json.loads((train_adapter(inputs, tmp_path / "one") / "log_history.json").read_text())
 
     out, shares = tmp_path / "two" / "out", []
     out.mkdir(parents=True)
     hooks, records = _hooks(shares.append)
-    result = train_on_ranks(inputs, "key", out, hooks, processes=2, work_dir=tmp_path / "two" / "work")
+    saved_base = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), tmp_path)  # the ranks load it, as in the flow
+    ranks_inputs = train_inputs(config, tokenized_dir, saved_base)
+    result = train_on_ranks(ranks_inputs, "key", out, hooks, processes=2, work_dir=tmp_path / "two" / "work")
 
     summary = json.loads((out / "summary.json").read_text())
     two = json.loads((out / "log_history.json").read_text())
     assert result["train_steps"] == summary["train_steps"] == len(one) == len(two) == 4  # same global batch of 8
     assert summary["ranks"] == 2 and summary["micro_batch"] == [4, 1]  # each rank half of each step
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    # The same examples in each step, the gradients averaged: the same losses as one process.
+    # The same examples in each step, the gradients averaged, the same 4-bit weights: the same losses as one process.
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-4, (one, two)
     steps = [r.getMessage() for r in records.records if r.levelno == logging.INFO and r.getMessage().startswith("step ")]
     assert steps[-1].startswith("step 4/4") and shares[-1] == 1.0

@@ -79,7 +79,7 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
     assert rerun.returncode == 0, rerun.stderr[-2000:]
 
     record = _newest_record(workspace)
-    assert _states(record) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
+    assert _states(record) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "quantize_base": "cached",
                                "train": "completed", "evaluate": "completed", "merge": "completed",
                                "score": "completed"}  # fmt: skip
     (killed_record,) = [r for r in map(json.loads, map(Path.read_text, (workspace / "runs").glob("*/run.json"))) if r["run_name"] != record["run_name"]]
@@ -155,7 +155,7 @@ def test_deleted_output_reruns_that_stage_only(run_flow):
 
     second = run_flow()
 
-    assert _states(second) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "completed",
+    assert _states(second) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "completed", "quantize_base": "cached",
                                "train": "cached", "evaluate": "cached", "merge": "cached", "score": "cached"}  # fmt: skip
     assert {n: s["key"] for n, s in second["stages"].items()} == {n: s["key"] for n, s in first["stages"].items()}
     assert Path(second["stages"]["tokenize"]["output_dir"], "manifest.json").is_file()
@@ -178,7 +178,7 @@ def test_failure_in_evaluate_reruns_evaluate_and_merge_only(run_flow, monkeypatc
 
     rerun = run_flow()
 
-    assert _states(rerun) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
+    assert _states(rerun) == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "quantize_base": "cached",
                               "train": "cached", "evaluate": "completed", "merge": "completed",
                               "score": "completed"}  # fmt: skip
 

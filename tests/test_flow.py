@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, workspace_overrides
 
-STAGES = ["prepare", "resolve_model", "tokenize", "train", "evaluate", "merge", "score"]
+STAGES = ["prepare", "resolve_model", "tokenize", "quantize_base", "train", "evaluate", "merge", "score"]
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -163,7 +163,7 @@ def test_each_stage_records_its_peak_memory_from_its_own_start(first):
 def test_a_lora_change_reruns_train_onwards_and_the_gate_applies_its_rule(first, third, tiny_flow_run):
     workspace = tiny_flow_run[2]
     states = {name: s["state"] for name, s in third["stages"].items()}
-    assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached",
+    assert states == {"prepare": "cached", "resolve_model": "cached", "tokenize": "cached", "quantize_base": "cached",
                       "train": "completed", "evaluate": "completed", "merge": "completed",
                       "score": "completed", "score_champion": "cached"}  # fmt: skip
     assert third["stages"]["train"]["key"] != first["stages"]["train"]["key"]

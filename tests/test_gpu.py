@@ -13,6 +13,7 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
 
     from finetune.core.config import load_config
     from finetune.stages.evaluate import EvaluateInputs, evaluate_adapter
+    from finetune.stages.quantize import QuantizeInputs, quantize_base
     from finetune.stages.train import train_adapter
     from finetune.training.modeling import load_base
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
@@ -24,14 +25,18 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
     assert layers[0].weight.quant_state.dtype == torch.bfloat16 or not torch.cuda.is_bf16_supported()
 
     root = workspace / "out"
+    saved = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), root)  # as the flow does: once, on the GPU
+    assert json.loads((saved / "manifest.json").read_text())["device"] == "cuda"
+    ours, theirs = load_base(saved, config.quant).state_dict(), base.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[name], theirs[name]) for name in ours)
     prepared_dir, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-    train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+    train_dir = train_adapter(train_inputs(config, tokenized_dir, saved), root)
     summary = json.loads((train_dir / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["peak_memory_kind"] == "cuda_max_allocated"
     assert summary["train_steps"] == 13
     assert summary["data_workers"] == 2  # the next micro-batches collated by worker processes (train.data_workers: auto)
     evaluation = evaluate_adapter(EvaluateInputs(
-        train_dir=train_dir, model_dir=tiny_model_dir, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
+        train_dir=train_dir, model_dir=saved, prepared_dir=prepared_dir, tokenized_dir=tokenized_dir,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,
     ), root)  # fmt: skip
     assert json.loads((evaluation / "metrics.json").read_text())["tuned"]["loss"] > 0
@@ -124,8 +129,10 @@ def test_the_graphed_step_trains_what_the_eager_step_does(workspace, tiny_model_
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
     """train.num_gpus=2: two DDP ranks through accelerate launch, each half of every step; the same
-    steps and, dropout off in fp32, the same losses as one GPU."""
+    steps and, dropout off in fp32, the same losses as one GPU (quantizing while loading); the ranks load the
+    base quantize_base saved, as in the flow."""
     from finetune.core.config import load_config
+    from finetune.stages.quantize import QuantizeInputs, quantize_base
     from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
@@ -136,7 +143,8 @@ def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
         ])  # fmt: skip
         root = workspace / f"gpus-{gpus}"
         _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-        train_dir = train_adapter(train_inputs(config, tokenized_dir, tiny_model_dir), root)
+        base = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), root) if gpus == 2 else tiny_model_dir  # ranks: the saved base
+        train_dir = train_adapter(train_inputs(config, tokenized_dir, base), root)
         runs[gpus] = (json.loads((train_dir / "summary.json").read_text()), json.loads((train_dir / "log_history.json").read_text()))
 
     assert runs[2][0]["ranks"] == 2 and runs[2][0]["micro_batch"] == [4, 1] and runs[1][0]["micro_batch"] == [8, 1]

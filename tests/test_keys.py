@@ -17,13 +17,15 @@ from finetune.stages.evaluate import EvaluateInputs, ScoreInputs, evaluate_adapt
 from finetune.stages.export import ExportInputs, export_gguf
 from finetune.stages.merge import MergeInputs, merge_adapter
 from finetune.stages.prepare import PrepareInputs, prepare_dataset
+from finetune.stages.quantize import QuantizeInputs, quantize_base
 from finetune.stages.resolve import ResolveInputs, resolve_model
 from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 from finetune.stages.train import TrainInputs, train_adapter
 from tests.conftest import ROOT, workspace_overrides
 
-ALL = {"prepare", "resolve_model", "tokenize", "train", "evaluate", "merge", "export", "score"}
+ALL = {"prepare", "resolve_model", "tokenize", "quantize_base", "train", "evaluate", "merge", "export", "score"}
 AFTER_TRAIN = {"train", "evaluate", "merge", "export", "score"}
+BASE = {"resolve_model", "quantize_base"}  # the model, untouched by data and tokenizing
 
 
 def _stand_in(root: Path, stage: str, key: str) -> Path:
@@ -47,11 +49,12 @@ def stage_keys(workspace: Path, *overrides: str) -> dict[str, str]:
     ))  # fmt: skip
     model = run(resolve_model, ResolveInputs.of(config.model))
     tokenized = run(tokenize_dataset, TokenizeInputs(prepared_dir=prepared, model_dir=model, tokenize=config.tokenize))
+    base = run(quantize_base, QuantizeInputs.of(model, config.quant))
     trained = run(train_adapter, TrainInputs(
-        tokenized_dir=tokenized, model_dir=model, quant=config.quant, lora=config.lora, train=config.train,
+        tokenized_dir=tokenized, model_dir=base, quant=config.quant, lora=config.lora, train=config.train,
     ))  # fmt: skip
     run(evaluate_adapter, EvaluateInputs(
-        train_dir=trained, model_dir=model, prepared_dir=prepared, tokenized_dir=tokenized,
+        train_dir=trained, model_dir=base, prepared_dir=prepared, tokenized_dir=tokenized,
         quant=config.quant, tokenize=config.tokenize, eval=config.eval,
     ))  # fmt: skip
     merged = run(merge_adapter, MergeInputs(
@@ -77,11 +80,11 @@ def project(workspace) -> Path:
 @pytest.mark.parametrize(
     ("overrides", "reruns"),
     [
-        (['tokenize.template="### Q:\\n{instruction}\\n\\n### A:\\n"'], ALL - {"resolve_model"}),  # prepare checks its markers
-        (["data.max_chars=3000"], ALL - {"resolve_model"}),
-        (["tokenize.max_length=256"], ALL - {"prepare", "resolve_model"}),
+        (['tokenize.template="### Q:\\n{instruction}\\n\\n### A:\\n"'], ALL - BASE),  # prepare checks its markers
+        (["data.max_chars=3000"], ALL - BASE),
+        (["tokenize.max_length=256"], ALL - BASE - {"prepare"}),
         (["lora.r=16"], AFTER_TRAIN),
-        (["quant.double_quant=false"], {"train", "evaluate", "merge", "export", "score"}),
+        (["quant.double_quant=false"], AFTER_TRAIN | {"quantize_base"}),
         (["train.recipe=seed"], AFTER_TRAIN),  # the step shape and recomputation are the recipe's code, keyed by it
         (["train.gradient_checkpointing=true"], AFTER_TRAIN),
         (["eval.max_new_tokens=64"], {"evaluate", "score"}),
@@ -99,7 +102,7 @@ def test_data_and_model_files_rerun_what_reads_them(project):
     with (project / "data/raw/education.jsonl").open("a") as handle:
         handle.write('{"instruction": "What is a syllabus?", "response": "The plan of a course.", "topic": "education"}\n')
     after_data = stage_keys(project)
-    assert rerun(before, after_data) == ALL - {"resolve_model"}
+    assert rerun(before, after_data) == ALL - BASE
 
     (project / "model" / "config.json").write_text('{"model_type": "llama", "rope_theta": 20000}')
     assert rerun(after_data, stage_keys(project)) == ALL - {"prepare"}
@@ -113,7 +116,8 @@ def test_data_and_model_files_rerun_what_reads_them(project):
     ("module", "reruns"),
     [
         ("finetune/training/recipe.py", AFTER_TRAIN),
-        ("finetune/data/template.py", ALL - {"resolve_model"}),
+        ("finetune/data/template.py", ALL - BASE),
+        ("finetune/stages/quantize.py", AFTER_TRAIN | {"quantize_base"}),
         ("finetune/training/merge_check.py", {"merge", "export", "score"}),
         ("finetune/reporting/stats.py", {"evaluate", "score"}),
         ("finetune/stages/resolve.py", ALL - {"prepare"}),
@@ -134,10 +138,10 @@ def test_a_code_change_reruns_the_stages_that_run_that_code(project, monkeypatch
     ("library", "reruns"),
     [
         ("peft", AFTER_TRAIN),
-        ("bitsandbytes", AFTER_TRAIN),  # reached through transformers' quantization config
+        ("bitsandbytes", AFTER_TRAIN | {"quantize_base"}),  # reached through transformers' quantization config
         ("trl", AFTER_TRAIN),
         ("rouge-score", {"evaluate", "score"}),
-        ("pandera", ALL - {"resolve_model"}),
+        ("pandera", ALL - BASE),
         ("tokenizers", ALL - {"prepare"}),
         ("transformers", ALL - {"prepare"}),
         ("filelock", set()),  # plumbing: it moves no numbers

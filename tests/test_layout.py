@@ -18,7 +18,7 @@ LAYERS = (
     ("flows",),  # the flow: chains tasks
     ("finetune.cli",),  # commands: start flows, or run a stage for a finished run
 )
-STAGES = {"prepare", "resolve", "tokenize", "train", "evaluate", "merge", "export"}
+STAGES = {"prepare", "resolve", "tokenize", "quantize", "train", "evaluate", "merge", "export"}
 
 
 def _module_name(path) -> str:

@@ -31,7 +31,7 @@ from finetune.stages.tokenize import IGNORE_INDEX, encode_split, load_tokenizer
 @dataclass(frozen=True, kw_only=True)
 class EvaluateInputs:
     train_dir: Path  # output of train: adapter/
-    model_dir: Path  # output of resolve_model
+    model_dir: Path  # output of quantize_base (the 4-bit base), or of resolve_model without quant.load_in_4bit
     prepared_dir: Path  # output of prepare: the held-out instructions and references
     tokenized_dir: Path  # output of tokenize: the held-out token ids and labels
     quant: QuantConfig

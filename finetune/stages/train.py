@@ -36,7 +36,7 @@ MICRO_BATCH_NOTE = "micro_batch.json"  # in the checkpoints folder: the micro-ba
 @dataclass(frozen=True, kw_only=True)
 class TrainInputs:
     tokenized_dir: Path  # output of tokenize
-    model_dir: Path  # output of resolve_model
+    model_dir: Path  # output of quantize_base (the 4-bit base), or of resolve_model without quant.load_in_4bit
     quant: QuantConfig
     lora: LoraConfig
     train: TrainConfig

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -64,14 +65,23 @@ def bnb_config(quant: QuantConfig):
     )
 
 
+def saved_in_4bit(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a model saved already quantized (stage quantize_base): its config carries
+    the quantization config, and loading it reads the 4-bit weights as they are."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+
+
 def load_base(model_dir: Path, quant: QuantConfig):
-    """The frozen base: NF4 4-bit when `quant.load_in_4bit`, else in the compute dtype."""
+    """The frozen base: NF4 4-bit when `quant.load_in_4bit` (quantized while loading, or loaded as saved by
+    quantize_base), else in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
     dtype = pick_compute_dtype(quant.compute_dtype)
     kwargs = {"dtype": dtype}
     if quant.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(quant)
+        if not saved_in_4bit(model_dir):
+            kwargs["quantization_config"] = bnb_config(quant)
         kwargs["device_map"] = {"": placement()}  # 4-bit weights are placed while loading
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not quant.load_in_4bit:
