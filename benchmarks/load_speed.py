@@ -7,8 +7,10 @@ the host's side of starting several ranks is what this measures: reading files, 
 
 Each measurement is a new Python process, started by this one: seconds to import the libraries, seconds
 in `load_base` (to the GPU, synchronized), and their sum from the process's start (interpreter start
-included). The model's files are read once before measuring, so every figure is from the page cache, as
-when a run's stage has just written or read them. Also measured: the stage quantize_base itself (load,
+included; the libraries that loading imports lazily, and CUDA's start, count as import). Each is measured
+with the weights in the page cache (read just before, as when a stage has just written them) and without
+them (dropped from the cache with posix_fadvise: read from the disk, as on a node that has not read them
+since it started). Also measured: the stage quantize_base itself (load,
 quantize, save), once, in its own process.
 """
 
@@ -26,13 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(model_dir: Path, started: float) -> None:
-    """One process: import, load the base in 4-bit on the GPU, print its figures as one JSON line."""
+    """One process: import (what loading imports lazily too, and CUDA started), load the base in 4-bit on the
+    GPU, print its figures as one JSON line."""
     imported = time.time()
+    import bitsandbytes  # noqa: F401
     import torch
+    import transformers.integrations.bitsandbytes  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     from finetune.core.config import QuantConfig
     from finetune.training.modeling import load_base, saved_in_4bit
 
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
     ready = time.time()
     model = load_base(model_dir, QuantConfig())
     gpu = torch.cuda.is_available()
@@ -80,6 +88,18 @@ def _read(folder: Path) -> None:
                 pass
 
 
+def _evict(folder: Path) -> None:
+    """Drop the folder's weights from the page cache (clean pages; no privileges needed), as after a reboot
+    or on a node that has not read them yet."""
+    for path in Path(folder).glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         return child(Path(sys.argv[2]), float(sys.argv[3]))
@@ -91,6 +111,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-bench"))
     parser.add_argument("--processes", default="1,2", help="how many processes load at once, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--page-cache", default="warm,cold", help="warm: the weights read before; cold: dropped from the page cache")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -115,16 +136,16 @@ def main() -> None:
     stage = _result(_spawn("--quantize", str(model_dir), str(args.work)))
     saved = Path(stage["out"])
     print(json.dumps({"quantize_base": stage}), flush=True)
-    for folder in (model_dir, saved):
-        _read(folder)
 
     runs = []
-    for count in map(int, args.processes.split(",")):
-        for repeat in range(args.repeats):
-            for name, folder in (("quantize_while_loading", model_dir), ("saved_4bit", saved)):
-                found = processes_at_once(folder, count)
-                runs.append({"source": name, "processes": count, "repeat": repeat, "each": found})
-                print(json.dumps(runs[-1]), flush=True)
+    for cache in args.page_cache.split(","):
+        for count in map(int, args.processes.split(",")):
+            for repeat in range(args.repeats):
+                for name, folder in (("quantize_while_loading", model_dir), ("saved_4bit", saved)):
+                    (_read if cache == "warm" else _evict)(folder)
+                    found = processes_at_once(folder, count)
+                    runs.append({"source": name, "page_cache": cache, "processes": count, "repeat": repeat, "each": found})
+                    print(json.dumps(runs[-1]), flush=True)
     size = sum(p.stat().st_size for p in Path(model_dir).resolve().glob("*.safetensors"))
     report = {
         "model": args.model, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "torch": torch.__version__,
