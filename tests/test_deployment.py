@@ -66,7 +66,7 @@ def test_a_deployment_runs_through_the_worker_and_an_unchanged_retrain_is_no_cha
 
     assert second["state"]["type"] == "COMPLETED", second["state"]
     record = run_record(scheduling, second_id)
-    assert set(stage_states(record).values()) == {"cached"} and len(record["stages"]) == 7
+    assert set(stage_states(record).values()) == {"cached"} and len(record["stages"]) == 8
     assert {name: state for name, state in task_states(scheduling, second_id).items() if name in record["stages"]} == dict.fromkeys(
         record["stages"], "Cached"
     )
