@@ -56,7 +56,8 @@ def load_chat_model(run_dir: Path, adapter: bool):
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     if adapter:
         train_dir = _output(run, "train")
-        base_dir = _output(run, "quantize_base") or _output(run, "resolve_model")  # the base train loaded
+        saved_base = _output(run, "quantize_base")  # the 4-bit base train loaded; else quantized while loading
+        base_dir = saved_base if saved_base is not None and saved_base.is_dir() else _output(run, "resolve_model")
         if train_dir is None or not (train_dir / "adapter").is_dir():
             raise ChatError(f"run {run_dir.name} has no adapter: its train stage did not complete")
         from peft import PeftModel
