@@ -10,7 +10,9 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
   checkpointing, padded batches (`train.recipe=seed`);
 - `fast`: the default: one micro-batch of 4 per optimizer step, no checkpointing; on CUDA its forward and
   backward replay a CUDA graph (short examples), or long examples are packed in one row through the
-  variable-length attention kernel; elsewhere the row is packed (short) or split (long);
+  variable-length attention kernel, its decoder layers compiled where Triton and a C compiler are
+  (`train.compiled_layers: auto`); elsewhere the row is packed (short) or split (long);
+- `fast_uncompiled`: the same with eager layers (`train.compiled_layers=false`), the default before auto;
 - `fast_padded`: the fast step without the variable-length kernel (`train.varlen_attention=false`): long
   examples one per micro-batch, as before the kernel was used;
 - `fast_rows_4096`: the fast step with packed rows of at most 4,096 tokens (`train.max_row_tokens=4096`): two
@@ -18,7 +20,8 @@ Each recipe trains through the real train stage (`train_adapter`: bitsandbytes N
 - `fast_fused`, `fast_fused_rows_4096`: the same with Liger's fused kernels (`train.fused_kernels=true`);
 - `fast_dequantized`: the fast step with the frozen base dequantized once into bf16 (`train.dequantized_base=true`);
 - `fast_compiled`: the fast step with each decoder layer compiled (`train.compiled_layers=true`);
-  `fast_compiled_budget_0.9` lets the compiler keep 90% of the activations it would (`train.activation_memory_budget`);
+  `fast_compiled_budget_0.9` lets the compiler keep 90% of the activations it would (`train.activation_memory_budget`,
+  now the default), `fast_compiled_budget_1.0` all of them;
   `fast_compiled_rows_4096`, `fast_dequantized_compiled`, `fast_dequantized_fused` and
   `fast_dequantized_compiled_rows_4096` combine levers;
 - `fast_one_process`, `fast_compiled_budget_0.9_one_process`: batches collated by the training process itself
@@ -57,10 +60,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from host_waits import SyncSites, idle_host_code
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
     "seed": ["train.recipe=seed"],
     "fast": [],
+    "fast_uncompiled": ["train.compiled_layers=false"],
     "fast_eager": ["train.cuda_graphs=false"],
     "fast_padded": ["train.varlen_attention=false"],
     "fast_rows_4096": ["train.max_row_tokens=4096"],
@@ -69,6 +75,7 @@ RECIPES = {
     "fast_dequantized": ["train.dequantized_base=true"],
     "fast_compiled": ["train.compiled_layers=true"],
     "fast_compiled_budget_0.9": ["train.compiled_layers=true", "train.activation_memory_budget=0.9"],
+    "fast_compiled_budget_1.0": ["train.compiled_layers=true", "train.activation_memory_budget=1.0"],
     "fast_dequantized_compiled": ["train.dequantized_base=true", "train.compiled_layers=true"],
     "fast_compiled_rows_4096": ["train.compiled_layers=true", "train.max_row_tokens=4096"],
     "fast_dequantized_fused": ["train.dequantized_base=true", "train.fused_kernels=true"],
@@ -266,18 +273,20 @@ class StepTimes(logging.Handler):
         return found
 
 
-def profiled(table: Path, run, *args) -> dict:
+def profiled(table: Path, run, *args, stacks: bool = False) -> dict:
     """`run(*args)` under torch.profiler, recording PROFILED_STEPS steady steps (after StepTimes.WARMUP_STEPS
     and as many again: compilation, graph capture and allocator growth done); their operators by self time
     (CUDA where there is one) go to `table`, with the recorded steps' wall seconds, and their timeline beside it
-    (`<table>.trace.json.gz`)."""
+    (`<table>.trace.json.gz`). With `stacks`, Python calls are recorded too, and the table says which ones the
+    host was in while the GPU was idle (the recording slows the host: read it for where, not for how long)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     wait = 2 * StepTimes.WARMUP_STEPS
-    with profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=PROFILED_STEPS, repeat=1)) as prof:
+    plan = schedule(wait=wait, warmup=1, active=PROFILED_STEPS, repeat=1)
+    with profile(activities=activities, schedule=plan, with_stack=stacks) as prof:
         steps = StepTimes(on_step=prof.step)  # the profiler's schedule advances at each step's log line
         logging.getLogger("finetune").addHandler(steps)
         try:
@@ -295,12 +304,30 @@ def profiled(table: Path, run, *args) -> dict:
     timeline = trace.read_bytes()
     trace.unlink()
     Path(f"{trace}.gz").write_bytes(gzip.compress(timeline))
-    summary = timeline_summary(json.loads(timeline)["traceEvents"]) if cuda else ""
+    summary = timeline_summary(json.loads(timeline)["traceEvents"], stacks) if cuda else ""
     table.write_text(summary + heading + averages.table(sort_by=sort, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
     return result
 
 
 PROFILED_STEPS = 3
+
+
+def sync_traced(table: Path, run, *args) -> dict:
+    """`run(*args)` with the host synchronizations of its steady steps (those after StepTimes.WARMUP_STEPS, at most
+    SYNC_TRACED_STEPS) counted by call site into `table` (host_waits.SyncSites)."""
+    sites = SyncSites(StepTimes.WARMUP_STEPS, StepTimes.WARMUP_STEPS + SYNC_TRACED_STEPS)
+    steps = StepTimes(on_step=sites.on_step)
+    logging.getLogger("finetune").addHandler(steps)
+    try:
+        result = run(*args)
+    finally:
+        logging.getLogger("finetune").removeHandler(steps)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(sites.table())
+    return result
+
+
+SYNC_TRACED_STEPS = 8
 
 
 GPU_WORK = (  # (kind of GPU work, fragments of its kernels' names), first match wins
@@ -312,28 +339,31 @@ GPU_WORK = (  # (kind of GPU work, fragments of its kernels' names), first match
 )
 
 
-def timeline_summary(events: list[dict]) -> str:
+def timeline_summary(events: list[dict], stacks: bool = False) -> str:
     """Where the profiled steps' wall time went on the GPU, from their timeline's events: each kind of kernel's
     milliseconds a step, and the time the GPU ran nothing (waiting for the host: launches, syncs, the
-    Trainer's work between steps)."""
+    Trainer's work between steps); with `stacks`, the Python code the host ran meanwhile."""
     steps = [e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep")]
     if not steps:
         return ""
     start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and start <= e["ts"] <= end), key=lambda e: e["ts"])
     spent: dict[str, float] = {}
-    busy, reach = 0.0, start
+    busy, reach, gaps = 0.0, start, []
     for e in kernels:
         name = e["name"].lower()
         kind = next((kind for kind, parts in GPU_WORK if any(part in name for part in parts)), "other kernels (eager elementwise, optimizer, loss)")
         spent[kind] = spent.get(kind, 0.0) + e["dur"]
         busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], reach))
+        if e["ts"] > reach:
+            gaps.append((reach, e["ts"]))
         reach = max(reach, e["ts"] + e["dur"])
+    gaps.append((reach, end))
     count, wall = len(steps), end - start
     spent["GPU idle (waiting for the host)"] = wall - busy
     lines = [f"GPU time of a step, from the timeline ({wall / count / 1000:.1f} ms a step under the profiler):"]
     lines += [f"  {us / count / 1000:7.1f} ms {us / wall:6.1%}  {kind}" for kind, us in sorted(spent.items(), key=lambda kv: -kv[1])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (idle_host_code(events, gaps, count) if stacks else "")
 
 
 
@@ -368,6 +398,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every recipe")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of steady steps of each recipe here")
+    parser.add_argument("--profile-host", action="store_true", help="with --profile: record Python calls, and name those the GPU waited on")
+    parser.add_argument("--sync-trace", type=Path, default=None, help="write each recipe's host synchronizations a step, by call site, here (CUDA)")
     args = parser.parse_args()
 
     import torch
@@ -402,7 +434,10 @@ def main() -> None:
     for name in args.recipes.split(","):
         recipe_config = load_config(ROOT / "configs" / "default.yaml", [*base, *RECIPES[name]])
         if args.profile:
-            result = profiled(args.profile.with_name(f"{args.profile.stem}-{name}.txt"), run_recipe, name, recipe_config, model_dir, tokenized_dir, root, device)
+            table = args.profile.with_name(f"{args.profile.stem}-{name}.txt")
+            result = profiled(table, run_recipe, name, recipe_config, model_dir, tokenized_dir, root, device, stacks=args.profile_host)
+        elif args.sync_trace:
+            result = sync_traced(args.sync_trace.with_name(f"{args.sync_trace.stem}-{name}.txt"), run_recipe, name, recipe_config, model_dir, tokenized_dir, root, device)
         else:
             result = run_recipe(name, recipe_config, model_dir, tokenized_dir, root, device)
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)

@@ -215,3 +215,36 @@ def test_auto_computes_in_bf16_on_a_cpu_only_where_it_has_bf16_instructions():
     native = bool(set(cpuinfo.read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
     assert pick_compute_dtype(ComputeDtype.auto) == (torch.bfloat16 if native else torch.float32)
     assert pick_compute_dtype(ComputeDtype.bfloat16) == torch.bfloat16  # asked for, it is kept
+
+
+def test_compiled_layers_auto_is_decided_for_the_machine_before_the_train_key(tmp_path):
+    """train.compiled_layers: auto compiles the decoder layers where that pays and can run: the fast recipe without
+    gradient checkpointing, on a CUDA GPU with Triton and a C compiler. It is decided when the train stage's inputs
+    are made, so the key names what the run does: on this CPU, the key of an explicit false."""
+    from finetune.core.preflight import compiles_layers
+    from finetune.stages.train import TrainInputs, train_adapter
+
+    default = load_config(ROOT / "configs" / "default.yaml").train
+    assert default.compiled_layers == "auto" and default.activation_memory_budget == 0.9
+    gpu = {"cuda": True, "triton": True, "compiler": "/usr/bin/gcc"}
+    assert compiles_layers(default, **gpu) is True
+    for missing in ({"cuda": False}, {"triton": False}, {"compiler": None}):
+        assert compiles_layers(default, **gpu | missing) is False, missing
+    for override in ("train.recipe=seed", "train.gradient_checkpointing=true"):
+        assert compiles_layers(load_config(None, [override]).train, **gpu) is False, override
+    explicit = load_config(None, ["train.compiled_layers=true", "train.gradient_checkpointing=true"]).train
+    assert compiles_layers(explicit, cuda=False, triton=False, compiler=None) is True  # as set (preflight checks it)
+    assert compiles_layers(load_config(None, ["train.compiled_layers=false"]).train, **gpu) is False
+
+    for name in ("tokenized", "model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.bin").write_bytes(b"x")
+    config = FinetuneConfig()
+
+    def inputs(train):
+        return TrainInputs(tokenized_dir=tmp_path / "tokenized", model_dir=tmp_path / "model", quant=config.quant, lora=config.lora, train=train)
+
+    auto, off = inputs(default), inputs(load_config(None, ["train.compiled_layers=false"]).train)
+    assert auto.train.compiled_layers is False  # this machine has no CUDA GPU
+    assert train_adapter.key(auto) == train_adapter.key(off)
+    assert train_adapter.key(inputs(load_config(None, ["train.compiled_layers=true"]).train)) != train_adapter.key(off)

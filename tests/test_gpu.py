@@ -175,7 +175,7 @@ def _train_long(
 ) -> dict[str, tuple[dict, list[float]]]:
     """{value: (summary, losses)}: 13 steps of the tiny model on 104 long examples (130 to 512 tokens, drawn
     with `seed`), bf16 with dropout off, once per value of the train config key `setting` (with the overrides
-    `also`)."""
+    `also`; eager layers unless they say otherwise, so that each lever is compared alone)."""
     from finetune.core.config import load_config
     from finetune.stages.train import train_adapter
     from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
@@ -185,7 +185,8 @@ def _train_long(
     runs = {}
     for value in values:
         config = load_config(ROOT / "configs" / "tiny.yaml", [
-            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", *also, f"{setting}={value}",
+            *workspace_overrides(workspace), "lora.dropout=0", "quant.compute_dtype=bfloat16", "train.compiled_layers=false",
+            *also, f"{setting}={value}",
         ])  # fmt: skip
         root = workspace / f"{setting.rsplit('.', 1)[-1]}-{value}"
         _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
@@ -284,8 +285,12 @@ def test_compiled_layers_train_the_steps_of_the_eager_layers(workspace, tiny_mod
     packed through the variable-length kernel, bf16, dropout off: the second layer compiled as one graph, the
     attention kernel inside it (no graph break), and the losses are those of the eager layers to rounding; so are
     they with the compiler told to keep 30% of the activations (train.activation_memory_budget=0.3: the rest
-    recomputed in the backward)."""
+    recomputed in the backward). The default, auto, compiles them on this GPU where Triton and a C compiler are."""
+    from importlib.util import find_spec
+
     from torch._dynamo.utils import counters
+
+    from finetune.core.preflight import c_compiler
 
     counters.clear()
     runs = _train_long(workspace, tiny_model_dir, "train.compiled_layers", ("false", "true"), seed=1)
@@ -303,3 +308,7 @@ def test_compiled_layers_train_the_steps_of_the_eager_layers(workspace, tiny_mod
     recomputed = max(abs(a - b) for a, b in zip(losses["0.3"], losses["false"]))
     print(f"compiled: losses {losses['true'][0]:.4f} .. {losses['true'][-1]:.4f}; max difference {difference:.2e}, budget 0.3 {recomputed:.2e}")
     assert difference < 2e-2 and recomputed < 2e-2, losses
+
+    (auto, auto_losses), = _train_long(workspace, tiny_model_dir, "train.compiled_layers", ("auto",), 1).values()
+    assert auto["compiled_layers"] == (1 if find_spec("triton") and c_compiler() else 0)
+    assert max(abs(a - b) for a, b in zip(auto_losses, losses["false"])) < 2e-2

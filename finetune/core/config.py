@@ -362,25 +362,27 @@ class TrainConfig(Section):
         "memory (13.5 GB for a 7B model against 3.9). An opt-in trade of memory for speed; ignored on the CPU and "
         "without quant.load_in_4bit.",
     )
-    compiled_layers: bool = Field(
-        False,
+    compiled_layers: bool | Literal["auto"] = Field(
+        "auto",
         description="On a CUDA GPU, eager steps (not cuda_graphs' replays): compile the decoder layers but the first "
         "with torch.compile, one graph a layer with the attention kernel inside, fusing the norms, rotary embeddings, "
         "activation, dropout and residuals into fewer kernels. Compiling takes the first two steps (counted in the "
-        "run's time; the compiler caches it on disk for later runs). The same steps and loss up to rounding; ignored "
-        "on the CPU. Measured on an H200 (7B shape, the long workload's 500 steps): 13,291 tokens/s (36.9% MFU) at "
-        "42.7 GiB against the eager step's 9,342 at 62.7, 17 s of it compiling (README: Training speed).",
+        "run's time; the compiler caches it on disk for later runs). The same steps and loss up to rounding. Measured "
+        "on an H200 (7B shape, the long workload's 500 steps): 13,284 tokens/s (36.8% MFU) at 35.4 GiB against the "
+        "eager step's 9,342 at 62.7, 16 s of it compiling (README: Training speed). auto: on for the fast recipe "
+        "without gradient_checkpointing on a CUDA GPU where Triton and a C compiler are installed, else off (decided "
+        "before the run, and the train key holds the decision). true: stop before any stage where they are missing.",
     )
     activation_memory_budget: float = Field(
-        1.0,
+        0.9,
         gt=0,
         le=1,
         description="With compiled_layers: the share of the activations the compiler would keep for the backward pass "
         "that it may keep (torch.compile's activation_memory_budget); below 1 it recomputes the cheapest of the rest "
         "in the backward. Measured on an H200 (7B shape, the long workload's 500 steps): 0.9 took the peak from 42.7 "
-        "to 35.4 GiB at about 0.96x the steady tokens/s (36.8% MFU overall, with data workers). With cuda_graphs "
-        "false and no gradient_checkpointing, 0.05 is a faster low-memory mode: on the seed workload 5.0-5.5x the "
-        "seed loop at 1.03x its peak (compiler cache warm), against 3.5x for gradient_checkpointing. "
+        "GiB (at 1.0) to 35.4 at about 0.96x the steady tokens/s. With cuda_graphs false and no "
+        "gradient_checkpointing, 0.05 is a faster low-memory mode: on the seed workload 5.0-5.5x the seed loop at "
+        "1.03x its peak (compiler cache warm), against 3.5x for gradient_checkpointing. "
         "Not part of the train key: the same computation.",
     )
     data_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
@@ -420,7 +422,6 @@ class TrainConfig(Section):
     not_in_key: ClassVar[frozenset[str]] = frozenset(
         {"report_to", "num_gpus", "max_row_tokens", "activation_memory_budget", "data_workers"}
     )
-
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:
         # transformers' get_scheduler drops num_warmup_steps for "constant" without a word.

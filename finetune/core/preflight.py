@@ -15,6 +15,7 @@ from finetune.core.config import (
     ConfigError,
     FinetuneConfig,
     HalfDtype,
+    TrainConfig,
 )
 
 
@@ -83,7 +84,7 @@ def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler
         return []
     problems = []
     for key in ("compiled_layers", "fused_kernels"):
-        if not getattr(config.train, key):
+        if getattr(config.train, key) is not True:  # compiled_layers: auto turns them off instead
             continue
         if not triton:
             problems.append(f"train.{key} needs Triton, which torch's CUDA wheels install: pip install triton, or set train.{key}: false")
@@ -93,6 +94,35 @@ def compiler_problems(config: FinetuneConfig, cuda: bool, triton: bool, compiler
                 f"install gcc (apt-get install gcc) or set CC to one, or set train.{key}: false"
             )
     return problems + ([LIGER_MISSING] if config.train.fused_kernels and not liger else [])
+
+
+def recomputes_activations(train: TrainConfig) -> bool:
+    """Gradient checkpointing: `train.gradient_checkpointing` when set, else the recipe's own (seed: on, fast: off)."""
+    return train.recipe == "seed" if train.gradient_checkpointing is None else train.gradient_checkpointing
+
+
+def compiles_layers(train: TrainConfig, cuda: bool, triton: bool, compiler: str | None) -> bool:
+    """Whether `train` compiles its decoder layers on a machine with (`cuda`, `triton`, `compiler`); pure.
+    compiled_layers: auto is on where compiling pays and can run: the fast recipe's eager steps without
+    gradient checkpointing (measured on an H200, 7B shape: 1.42x the long workload's 500 steps at 0.56x the peak;
+    checkpointed layers compiled were 0.94x with the compiler's cache cold), on a CUDA GPU with Triton and a C
+    compiler. A graphed step (short examples) replays its CUDA graph and compiles nothing either way."""
+    if train.compiled_layers != "auto":
+        return train.compiled_layers
+    return cuda and triton and compiler is not None and train.recipe == "fast" and not recomputes_activations(train)
+
+
+def resolved_train(train: TrainConfig) -> TrainConfig:
+    """`train` with compiled_layers: auto decided for this machine (compiles_layers), before the train key is
+    computed: the key names what the run does. Imports torch."""
+    if train.compiled_layers != "auto":
+        return train
+    from importlib.util import find_spec
+
+    import torch
+
+    found = compiles_layers(train, torch.cuda.is_available(), find_spec("triton") is not None, c_compiler())
+    return train.model_copy(update={"compiled_layers": found})
 
 
 def check_hardware(config: FinetuneConfig) -> None:

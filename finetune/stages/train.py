@@ -25,6 +25,7 @@ from pathlib import Path
 from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import PermanentError
 from finetune.core.outputs import output_dir_for, write_text_atomic
+from finetune.core.preflight import resolved_train
 from finetune.core.stage import Hooks, Stage
 from finetune.stages.tokenize import load_tokenizer, set_chat_template
 from finetune.training.checkpoints import newest_intact_checkpoint
@@ -40,6 +41,10 @@ class TrainInputs:
     quant: QuantConfig
     lora: LoraConfig
     train: TrainConfig
+
+    def __post_init__(self):
+        # The key names what the run does: compiled_layers: auto is decided here, for this machine.
+        object.__setattr__(self, "train", resolved_train(self.train))
 
 
 class TrainingOutOfMemory(RuntimeError):

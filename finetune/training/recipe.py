@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune.core.config import LoraConfig, QuantConfig, TrainConfig
 from finetune.core.errors import InternalError, PermanentError
-from finetune.core.preflight import LIGER_MISSING
+from finetune.core.preflight import LIGER_MISSING, recomputes_activations, resolved_train
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
 from finetune.training.modeling import DequantizedLinear, compile_decoder_layers, compiled_layer_count, dequantize_frozen_base, load_base
@@ -59,11 +59,6 @@ class StepPlan:
     grad_accum: int
     layout: Literal["padded", "packed", "varlen", "graphed"]
     static_length: int | None = None
-
-
-def recomputes_activations(train: TrainConfig) -> bool:
-    """Gradient checkpointing: `train.gradient_checkpointing` when set, else the recipe's own (seed: on, fast: off)."""
-    return train.recipe == "seed" if train.gradient_checkpointing is None else train.gradient_checkpointing
 
 
 def step_shape(train: TrainConfig) -> tuple[int, int]:
@@ -296,8 +291,9 @@ def build_trainer(
         if plan.layout == "varlen":
             varlen.use_varlen_attention(model)
         trainer = SFTTrainer(**common)
-    if train.compiled_layers and plan.layout != "graphed" and torch.cuda.is_available():
-        compile_decoder_layers(model, train.activation_memory_budget)
+    if resolved_train(train).compiled_layers and plan.layout != "graphed" and torch.cuda.is_available():
+        count = compile_decoder_layers(model, train.activation_memory_budget)
+        logger.info("train: %d decoder layers compiled (activation memory budget %g); compiling takes the first steps", count, train.activation_memory_budget)
     trainer.remove_callback(PrinterCallback)  # StepWatch logs one line per step instead
     if args.fp16:
         # TRL keeps a quantized model's adapters in bf16, but fp16's loss scaler unscales fp32 or fp16 gradients
