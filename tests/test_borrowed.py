@@ -13,7 +13,8 @@ import torch
 import transformers
 import trl
 
-from finetune.training.graphs import TRL_STEP_METRICS, GraphedSFTTrainer, trl_internals_problems
+from finetune.training.graphs import GraphedSFTTrainer
+from finetune.training.loss import TRL_STEP_METRICS, trl_internals_problems
 from tests.conftest import ROOT
 
 WATCHED = ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "torch")
@@ -48,7 +49,7 @@ def test_trl_compute_loss_keeps_the_metrics_the_graphed_step_writes(sft_parts):
     written = set(trainer._metrics["train"])
     assert written == set(TRL_STEP_METRICS), (
         f"TRL {trl.__version__}'s compute_loss now writes the step metrics {sorted(written)}; the graphed step "
-        f"(finetune/training/graphs.py) writes {sorted(TRL_STEP_METRICS)}: update GraphedSFTTrainer.compute_loss"
+        f"(finetune/training/loss.py) writes {sorted(TRL_STEP_METRICS)}: update record_step_metrics"
     )
     real_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     assert trainer._total_train_tokens == real_tokens, f"TRL {trl.__version__} counts _total_train_tokens differently"
@@ -73,6 +74,36 @@ def test_the_graphed_trainer_trains_eagerly_with_a_warning_when_trl_changes(sft_
 
     assert trainer.graph_failed is True  # TRL's own compute_loss runs instead
     assert "_total_train_tokens (the running token count) is gone); training eagerly" in caplog.text
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_the_loss_from_the_logits_is_trls_loss_with_trls_metrics(sft_parts, padding_free):
+    """On the CPU every recipe trains through LogitsLossSFTTrainer (finetune/training/loss.py) instead of TRL's fused
+    LM head: on the same batch, padded or packed in one row, it computes TRL's loss and gradient and writes TRL's
+    step metrics with TRL's values."""
+    import dataclasses
+
+    from finetune.training.loss import LogitsLossSFTTrainer
+
+    model, tokenizer, dataset, args = sft_parts
+    args = dataclasses.replace(args, padding_free=padding_free)
+    found = {}
+    for trainer_type in (trl.SFTTrainer, LogitsLossSFTTrainer):
+        trainer = trainer_type(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        model.train()
+        model.zero_grad()
+        batch = trainer.data_collator([dataset[i] for i in range(3)])
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()) + 2)
+        loss.backward()
+        embedding = model.get_input_embeddings().weight.grad.clone()
+        found[trainer_type.__name__] = (loss.item(), embedding, {k: list(v) for k, v in trainer._metrics["train"].items()})
+    (trl_loss, trl_grad, trl_metrics), (ours, our_grad, our_metrics) = found["SFTTrainer"], found["LogitsLossSFTTrainer"]
+    assert ("position_ids" in batch) == padding_free and ("attention_mask" in batch) != padding_free
+    assert abs(ours - trl_loss) < 1e-5 * abs(trl_loss), (ours, trl_loss)
+    assert torch.allclose(our_grad, trl_grad, rtol=1e-4, atol=1e-7)
+    assert our_metrics.keys() == trl_metrics.keys() == set(TRL_STEP_METRICS)
+    for name in TRL_STEP_METRICS:
+        assert our_metrics[name] == pytest.approx(trl_metrics[name], rel=1e-5), name
 
 
 def test_one_process_training_can_pin_transformers_to_one_gpu(tmp_path):

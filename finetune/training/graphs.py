@@ -10,7 +10,7 @@ A graph needs the same shapes at every replay and no host synchronization inside
 is right-padded to one static `[rows, length]` (the longest example of the data set, rounded up to 8)
 with the padding's labels at -100, and the model runs without an attention mask: under the causal mask
 a real token never sees the padding after it, so the loss of the real tokens is the one the packed or
-padded eager step computes. The loss is summed here (cross-entropy over the logits) instead of by TRL's
+padded eager step computes. The loss comes from the logits (finetune/training/loss.py) instead of TRL's
 chunked head, which selects the scored positions with a data-dependent shape.
 
 Gradients come out of the graph in static buffers that the next replay overwrites, so graphs are used
@@ -21,7 +21,6 @@ halves the micro-batch trains eagerly.
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 
 import torch
@@ -31,20 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trl import SFTTrainer
 
 from finetune.core.errors import InternalError
+from finetune.training.loss import IGNORE, record_step_metrics, scaled_loss, token_loss, trl_internals_problems
 
-IGNORE = -100
-LENGTH_MULTIPLE = 8  # tensor-core friendly static lengths
 # Attention kernels for the fast step. cuDNN's is left out: it builds a plan for every new shape, measured
 # on an H200 (7B shape) at 21 ms per layer's backward and 12 ms per forward while capturing (4 s of the
 # warm-up and capture), and again at every new packed length of the eager step. Flash and memory-efficient
 # attention need no plan. A graph keeps the kernel chosen at capture.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# What the graphed step borrows from TRL: it replaces SFTTrainer.compute_loss (called with these
-# parameters), and so keeps TRL's private step metrics up to date itself: `_metrics["train"][name]`, which
-# TRL's log() averages and clears, and the running token count `_total_train_tokens`.
-# tests/test_borrowed.py runs TRL's own compute_loss and checks that it still writes exactly these.
-COMPUTE_LOSS_PARAMETERS = ("model", "inputs", "return_outputs", "num_items_in_batch")
-TRL_STEP_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
+LENGTH_MULTIPLE = 8  # tensor-core friendly static lengths
 
 
 def attention_kernels():
@@ -59,23 +52,15 @@ def static_length(lengths: list[int]) -> int:
 
 
 class TokenLoss(torch.nn.Module):
-    """(sum of the response tokens' negative log-likelihood, scored tokens, top-1 hits, entropy sum) of a
-    right-padded batch: tensors only, so that the whole computation can be captured."""
+    """loss.token_loss of a right-padded batch as a module of tensors in and out, so that the whole computation can
+    be captured."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        logits = self.model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        with torch.no_grad():
-            scored = targets != IGNORE
-            log_probs = logits.log_softmax(-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-            hits = (logits.argmax(-1) == targets) & scored
-            return loss_sum, scored.sum(), hits.sum(), (entropy * scored).sum()
+        return token_loss(self.model, labels, input_ids=input_ids)
 
 
 def pad_to(tensor: torch.Tensor, rows: int, length: int, value: int) -> torch.Tensor:
@@ -84,20 +69,6 @@ def pad_to(tensor: torch.Tensor, rows: int, length: int, value: int) -> torch.Te
     if r > rows or n > length:
         raise InternalError(f"a micro-batch of {r} x {n} tokens does not fit the static {rows} x {length}")
     return F.pad(tensor, (0, length - n, 0, rows - r), value=value)
-
-
-def trl_internals_problems(trainer: SFTTrainer) -> list[str]:
-    """What the graphed step needs of TRL's trainer and does not find; empty when all is there."""
-    problems = []
-    parameters = tuple(inspect.signature(SFTTrainer.compute_loss).parameters)[1:]  # after self
-    if parameters[: len(COMPUTE_LOSS_PARAMETERS)] != COMPUTE_LOSS_PARAMETERS:
-        problems.append(f"SFTTrainer.compute_loss takes {parameters}, not {COMPUTE_LOSS_PARAMETERS}")
-    metrics = getattr(trainer, "_metrics", None)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("train"), dict):
-        problems.append("SFTTrainer._metrics['train'] (the step metrics TRL logs) is gone")
-    if not isinstance(getattr(trainer, "_total_train_tokens", None), int):
-        problems.append("SFTTrainer._total_train_tokens (the running token count) is gone")
-    return problems
 
 
 class GraphedSFTTrainer(SFTTrainer):
@@ -167,16 +138,5 @@ class GraphedSFTTrainer(SFTTrainer):
         input_ids = pad_to(inputs["input_ids"], rows, length, self.pad_token_id)
         labels = pad_to(inputs["labels"], rows, length, IGNORE)
         loss_sum, scored, hits, entropy_sum = graphed(input_ids, labels)
-        denominator = scored if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=scored.device)
-        loss = loss_sum / denominator.clamp(min=1)
-        # The metrics TRL logs for this step, in one host synchronization.
-        real_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
-        valid, correct, entropy, tokens = torch.stack(
-            [scored.float(), hits.float(), entropy_sum.float(), real_tokens.to(scored.device).float()]
-        ).tolist()
-        metrics = self._metrics["train"]
-        metrics["entropy"].append(entropy / valid if valid else 0.0)
-        metrics["mean_token_accuracy"].append(correct / valid if valid else 0.0)
-        self._total_train_tokens += int(tokens)
-        metrics["num_tokens"] = [self._total_train_tokens]
-        return loss
+        record_step_metrics(self, inputs, scored, hits, entropy_sum)
+        return scaled_loss(self, loss_sum, scored, num_items_in_batch)

@@ -34,6 +34,7 @@ from finetune.core.errors import InternalError, PermanentError
 from finetune.core.preflight import LIGER_MISSING, recomputes_activations, resolved_train
 from finetune.training import graphs, varlen
 from finetune.training.checkpoints import seal_checkpoint
+from finetune.training.loss import LogitsLossSFTTrainer
 from finetune.training.modeling import DequantizedLinear, compile_decoder_layers, compiled_layer_count, dequantize_frozen_base, load_base
 
 # Later transformers 5 releases renamed gradient_checkpointing to activation_checkpointing.
@@ -290,7 +291,8 @@ def build_trainer(
     else:
         if plan.layout == "varlen":
             varlen.use_varlen_attention(model)
-        trainer = SFTTrainer(**common)
+        # Without Triton's kernels for TRL's fused LM head (the CPU), the loss from the logits is about twice as fast.
+        trainer = SFTTrainer(**common) if torch.cuda.is_available() and not args.use_cpu else LogitsLossSFTTrainer(**common)
     if resolved_train(train).compiled_layers and plan.layout != "graphed" and torch.cuda.is_available():
         count = compile_decoder_layers(model, train.activation_memory_budget)
         logger.info("train: %d decoder layers compiled (activation memory budget %g); compiling takes the first steps", count, train.activation_memory_budget)
