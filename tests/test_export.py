@@ -155,3 +155,42 @@ def test_a_run_with_export_gguf_exports_after_merge_and_its_run_card_lists_the_f
     for entry in record["metrics"]["exported"]:
         assert f"| {entry['file']} | {entry['bytes'] / 1e6:.1f} MB | {100 * entry['token_agreement']:.1f}% | " in card
     assert card.count("passed (bar 95%)") == 2
+
+
+def test_gguf_metadata_reads_the_header_as_the_gguf_package_does(tmp_path):
+    """gguf_metadata reads the chat template and EOS id from a GGUF header without building every field: on a file
+    written by the gguf package, with a vocabulary of strings, a numeric array, an array of arrays and scalars of
+    other types before the keys, it finds what the package's own reader finds; None where a key is absent, and a
+    clear error for a file that is not GGUF."""
+    from gguf import GGUFReader, GGUFWriter
+
+    def write(path: Path, with_template: bool) -> Path:
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_uint64("test.big", 2**40)
+        writer.add_float32("test.float", 0.5)
+        writer.add_bool("test.flag", True)
+        writer.add_array("test.nested", [[1, 2], [3]])
+        writer.add_token_list([f"tok{i}" for i in range(300)] + ["ünï", ""])
+        writer.add_token_scores([float(i) for i in range(302)])
+        writer.add_eos_token_id(301)
+        if with_template:
+            writer.add_chat_template("{% for m in messages %}### HUMAN:\n{{ m['content'] }}{% endfor %}")
+        writer.add_string("general.after", "x" * 10)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    full = write(tmp_path / "full.gguf", with_template=True)
+    fields = GGUFReader(full).fields
+    template = fields["tokenizer.chat_template"]
+    eos = fields["tokenizer.ggml.eos_token_id"]
+    assert gguf_metadata(full) == {
+        "chat_template": bytes(template.parts[template.data[0]]).decode("utf-8"),
+        "eos_token_id": int(eos.parts[eos.data[0]][0]),
+    } == {"chat_template": "{% for m in messages %}### HUMAN:\n{{ m['content'] }}{% endfor %}", "eos_token_id": 301}
+    assert gguf_metadata(write(tmp_path / "bare.gguf", with_template=False)) == {"chat_template": None, "eos_token_id": 301}
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(ExportError, match=r"^not.gguf is not a GGUF file of version 2 or later"):
+        gguf_metadata(tmp_path / "not.gguf")
