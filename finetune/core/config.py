@@ -422,6 +422,7 @@ class TrainConfig(Section):
     not_in_key: ClassVar[frozenset[str]] = frozenset(
         {"report_to", "num_gpus", "max_row_tokens", "activation_memory_budget", "data_workers"}
     )
+
     @model_validator(mode="after")
     def _warmup_is_used(self) -> TrainConfig:
         # transformers' get_scheduler drops num_warmup_steps for "constant" without a word.
