@@ -368,8 +368,8 @@ class TrainConfig(Section):
         "with torch.compile, one graph a layer with the attention kernel inside, fusing the norms, rotary embeddings, "
         "activation, dropout and residuals into fewer kernels. Compiling takes the first two steps (counted in the "
         "run's time; the compiler caches it on disk for later runs). The same steps and loss up to rounding. Measured "
-        "on an H200 (7B shape, the long workload's 500 steps): 13,284 tokens/s (36.8% MFU) at 35.4 GiB against the "
-        "eager step's 9,342 at 62.7, 16 s of it compiling (README: Training speed). auto: on for the fast recipe "
+        "on an H200 (7B shape, the long workload's 500 steps, the defaults): 13,775 tokens/s (38.2% MFU) at 35.4 GiB "
+        "against the eager step's 9,342 at 62.7, 16.8 s of it compiling (README: Training speed). auto: on for the fast recipe "
         "without gradient_checkpointing on a CUDA GPU where Triton and a C compiler are installed, else off (decided "
         "before the run, and the train key holds the decision). true: stop before any stage where they are missing.",
     )

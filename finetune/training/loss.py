@@ -92,10 +92,15 @@ def scaled_loss(trainer: SFTTrainer, loss_sum, scored, num_items_in_batch):
 class LogitsLossSFTTrainer(SFTTrainer):
     """TRL's `SFTTrainer` whose training loss and step metrics come from the model's logits (`token_loss`), not
     TRL's fused LM head; evaluation, mixture-of-experts auxiliary losses and callers that want the outputs go
-    through TRL's compute_loss as before. If TRL changed what this relies on, it trains as TRL does."""
+    through TRL's compute_loss as before. If TRL changed what this relies on (checked once, when the trainer is
+    made), it trains as TRL does."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trl_changed = bool(trl_internals_problems(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not model.training or getattr(self, "aux_loss_enabled", False) or trl_internals_problems(self):
+        if return_outputs or not model.training or getattr(self, "aux_loss_enabled", False) or self.trl_changed:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
         loss_sum, scored, hits, entropy_sum = token_loss(model, inputs["labels"], **model_inputs)

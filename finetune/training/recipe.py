@@ -291,8 +291,10 @@ def build_trainer(
     else:
         if plan.layout == "varlen":
             varlen.use_varlen_attention(model)
-        # Without Triton's kernels for TRL's fused LM head (the CPU), the loss from the logits is about twice as fast.
-        trainer = SFTTrainer(**common) if torch.cuda.is_available() and not args.use_cpu else LogitsLossSFTTrainer(**common)
+        # TRL's fused LM head runs Triton kernels on a CUDA GPU; without them (the CPU) its torch fallback takes about
+        # twice as long as the loss from the logits.
+        triton_head = not args.use_cpu and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+        trainer = SFTTrainer(**common) if triton_head else LogitsLossSFTTrainer(**common)
     if resolved_train(train).compiled_layers and plan.layout != "graphed" and torch.cuda.is_available():
         count = compile_decoder_layers(model, train.activation_memory_budget)
         logger.info("train: %d decoder layers compiled (activation memory budget %g); compiling takes the first steps", count, train.activation_memory_budget)
