@@ -87,3 +87,28 @@ def test_a_paired_proportion_interval_has_width_where_every_prompt_moves_the_sam
     assert same.delta == 0 and same.low == -same.high < 0 and not same.excludes_zero
     one_way = paired_proportion_difference(np.ones(25), np.r_[np.zeros(6), np.ones(19)])
     assert one_way.delta == pytest.approx(-0.24) and one_way.high < 0 < one_way.high - one_way.low
+
+
+def test_example_losses_are_each_examples_own_loss_whatever_it_is_batched_with(tiny_model_dir):
+    """The mean cross-entropy of each example's response tokens, as the model computes it from its labels for
+    that example alone: padding, batch neighbours and prompt positions change nothing."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.stages.evaluate import example_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length, prompt in [(9, 4), (23, 10), (5, 2), (16, 15)]:
+        ids = torch.randint(3, model.config.vocab_size, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    examples = pd.DataFrame(rows)
+
+    losses, counts = example_losses(model, examples, pad_token_id=model.config.pad_token_id, batch_size=3)
+
+    assert counts.tolist() == [5, 13, 3, 1]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item() for r in rows]
+    assert losses == pytest.approx(alone, rel=1e-5)

@@ -63,12 +63,13 @@ def example_losses(model, examples: pd.DataFrame, pad_token_id: int, batch_size:
             mask[i, : len(row_ids)] = 1
         with torch.inference_mode(), inference_attention():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
+        # Token t predicts token t+1, scored where its label is a response token: the log-softmax over the
+        # vocabulary runs on those positions only, in rows (a [B, V, T] layout took 2.5x as long on a CPU).
         shifted = labels[:, 1:].to(model.device)
-        per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        tokens = (shifted != IGNORE_INDEX).sum(dim=1)
+        scored = shifted != IGNORE_INDEX
+        per_token = torch.zeros(shifted.shape, dtype=logits.dtype, device=logits.device)
+        per_token[scored] = torch.nn.functional.cross_entropy(logits[:, :-1][scored], shifted[scored], reduction="none")
+        tokens = scored.sum(dim=1)
         losses += (per_token.sum(dim=1) / tokens.clamp(min=1)).tolist()
         counts += tokens.tolist()
     return np.array(losses), np.array(counts)

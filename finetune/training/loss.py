@@ -35,15 +35,22 @@ COMPUTE_LOSS_PARAMETERS = ("model", "inputs", "return_outputs", "num_items_in_ba
 TRL_STEP_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
 
 
-def token_loss(model, labels: torch.Tensor, **model_inputs):
+def token_loss(model, labels: torch.Tensor, only_scored: bool = False, **model_inputs):
     """(loss sum, scored tokens, top-1 hits, entropy sum) of `model` on `model_inputs` against `labels` [rows,
-    tokens]: the next-token cross-entropy of the positions whose label is not IGNORE, in fp32."""
-    logits = model(**model_inputs, use_cache=False).logits[:, :-1].float()
+    tokens]: the next-token cross-entropy of the positions whose label is not IGNORE, in fp32.
+
+    `only_scored`: the vocabulary-wide work (fp32 copy, log-softmax, metrics) runs on the scored positions alone
+    instead of on every position with the others masked out: the same sums, less work where prompts and padding
+    are a large share of the rows. Its shapes depend on the data, so a CUDA graph cannot capture it."""
+    logits = model(**model_inputs, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
+    scored = targets != IGNORE
+    if only_scored:
+        logits, targets, scored = logits[scored], targets[scored], scored[scored]
+    logits = logits.float()
     log_probs = logits.log_softmax(-1)  # once, for the loss and the metrics (cross_entropy would take its own)
-    loss_sum = F.nll_loss(log_probs.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss_sum = F.nll_loss(log_probs.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     with torch.no_grad():
-        scored = targets != IGNORE
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         hits = (logits.argmax(-1) == targets) & scored
         return loss_sum, scored.sum(), hits.sum(), (entropy * scored).sum()
@@ -103,6 +110,6 @@ class LogitsLossSFTTrainer(SFTTrainer):
         if return_outputs or not model.training or getattr(self, "aux_loss_enabled", False) or self.trl_changed:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
-        loss_sum, scored, hits, entropy_sum = token_loss(model, inputs["labels"], **model_inputs)
+        loss_sum, scored, hits, entropy_sum = token_loss(model, inputs["labels"], only_scored=True, **model_inputs)
         record_step_metrics(self, inputs, scored, hits, entropy_sum)
         return scaled_loss(self, loss_sum, scored, num_items_in_batch)
