@@ -9,9 +9,11 @@ import pytest
 from tests.conftest import ROOT, workspace_overrides
 
 
-def _finetune(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+def _finetune(*args: str, cwd=ROOT, prefect_home=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": ""}  # ephemeral mode, whatever the test session set
     env.pop("PREFECT_API_URL")
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
     return subprocess.run(
         [sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -25,11 +27,13 @@ def test_config_errors_exit_2_before_anything_runs(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_failed_stage_exits_1_with_a_one_line_reason(workspace):
+def test_a_failed_stage_exits_1_with_a_one_line_reason(workspace, tmp_path):
+    """On a machine where Prefect never ran: the server Prefect starts for the run creates its database first
+    (longer than Prefect's default 20 s wait on a 2-core CPU), and the run still gets to its stage."""
     (workspace / "data/raw/broken.jsonl").write_text("{not json\n" * 20)  # 20 of 124 rows rejected: over 5%
     sets = [arg for item in workspace_overrides(workspace) for arg in ("--set", item)]
 
-    result = _finetune("run", *sets)
+    result = _finetune("run", *sets, prefect_home=tmp_path / "fresh-prefect-home")
 
     assert result.returncode == 1
     ours = [line for line in result.stderr.splitlines() if line.startswith("finetune: ")]

@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return _rollback(config, args.to_run)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network on most training boxes
+    # Without a server (PREFECT_API_URL unset) Prefect starts one for the run and waits 20 s for it by default. A
+    # first run on a fresh PREFECT_HOME creates its database first: 23 s on a 2-core CPU, which failed the run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.finetune_flow import StageFailed, finetune
 
     try:
