@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 from finetune.core.config import ExportConfig, load_config
 from finetune.stages.export import (
@@ -57,14 +58,25 @@ def test_finetune_export_writes_bf16_and_q8_0_files_that_read_back_as_the_merged
     assert (folder / "Modelfile").read_text().startswith("FROM ./model-bf16.gguf\n")
 
 
-def test_a_file_that_does_not_read_back_as_the_merged_model_fails_the_stage_and_leaves_nothing(tiny_flow_run, tmp_path):
+def test_a_file_that_does_not_read_back_as_the_merged_model_fails_the_stage_and_leaves_nothing(tiny_flow_run, tmp_path, monkeypatch):
+    import gguf
+
     record, overrides, _ = tiny_flow_run
     merged_dir, prepared_dir = _stages(record)
     config = load_config(TINY, overrides)
     exact = ExportInputs(merged_dir=merged_dir, prepared_dir=prepared_dir, template=config.tokenize.template, export=ExportConfig(gguf=["f32"]))
+    parsed = []  # the GGUF files transformers' loader parsed (export.one_gguf_parse: once each, not for config and weights)
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
 
     f32 = json.loads((export_gguf(exact, tmp_path / "ok") / "export_check.json").read_text())["files"][0]
     assert (f32["bar"], f32["token_agreement"], f32["same_answers"]) == (1.0, 1.0, f32["answers"])  # f32 holds a float32 merge as is
+    assert parsed == ["model-f32.gguf"], f"transformers {transformers.__version__} parsed the GGUF file {len(parsed)} times (export.one_gguf_parse)"
 
     untemplated = tmp_path / "merged-elsewhere"  # a merged folder saved without the trained chat template
     shutil.copytree(merged_dir / "model", untemplated / "model")
@@ -75,6 +87,7 @@ def test_a_file_that_does_not_read_back_as_the_merged_model_fails_the_stage_and_
     inputs = ExportInputs(merged_dir=untemplated, prepared_dir=prepared_dir, template=config.tokenize.template, export=ExportConfig(gguf=["q8_0"]))
     with pytest.raises(ExportError, match=r"model-q8_0.gguf: the GGUF metadata does not hold the trained chat template and EOS; nothing was exported"):
         export_gguf(inputs, tmp_path / "failed")
+    assert parsed == ["model-f32.gguf"]  # the metadata failed the file before its weights were read
     assert [p.name for p in (tmp_path / "failed").rglob("*") if not p.name.startswith(".")] == ["export"]  # no finished folder
 
 
