@@ -57,7 +57,7 @@ def _states(record: dict) -> dict[str, str]:
 def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspace, tiny_model_dir, tmp_path):
     from finetune.stages.train import train_adapter
 
-    for name in ("environment.jsonl", "health_wellness.jsonl"):  # 62 rows: 8 steps an epoch, 16 in all
+    for name in ("education.jsonl", "environment.jsonl", "health_wellness.jsonl"):  # 42 rows: 6 steps an epoch, 12 in all
         (workspace / "data/raw" / name).unlink()
     overrides = _overrides(workspace, tiny_model_dir, *LONGER)
     killed = subprocess.Popen(
@@ -66,9 +66,9 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
     )  # fmt: skip
     killed_at = None
     for line in killed.stdout:
-        if "step " in line and "/16" in line:
+        if "step " in line and "/12" in line:
             step = int(line.split("step ")[1].split("/")[0])
-            if step >= 11:  # second epoch: steps 9..16
+            if step >= 9:  # second epoch (steps 7..12), after its first checkpoint (step 8)
                 os.killpg(killed.pid, signal.SIGKILL)
                 killed_at = step
                 break
@@ -86,8 +86,8 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
     assert killed_record["status"] == "crashed"  # the rerun found its process gone and said so
     assert f"pid {killed.pid} on " in killed_record["error"]
     resumed = record["metrics"]["resumed_from_step"]
-    assert 10 <= resumed <= killed_at and resumed % 2 == 0
-    assert record["metrics"]["train_steps"] == 16
+    assert 8 <= resumed <= killed_at and resumed % 2 == 0
+    assert record["metrics"]["train_steps"] == 12
 
     # The same training without interruption, in-process, from the same tokenized data; checkpoints only
     # cost time here (saving one changes no number of the training).
@@ -99,7 +99,7 @@ def test_sigkill_in_second_epoch_resumes_from_checkpoint(prefect_server, workspa
     resumed_dir = Path(record["stages"]["train"]["output_dir"])
     got = {e["step"]: e["loss"] for e in json.loads((resumed_dir / "log_history.json").read_text())}
     after = [step for step in got if step > resumed]
-    assert len(after) == 16 - resumed
+    assert len(after) == 12 - resumed
     assert max(abs(got[s] - expected[s]) for s in after) <= LOSS_TOLERANCE
 
 

@@ -13,8 +13,9 @@ from finetune.stages.train import train_adapter
 from finetune.training.merge_check import adapter_updates, check_weights
 from tests.conftest import ROOT, tokenized_data, train_inputs, workspace_overrides
 
-# Thirty times tiny.yaml's learning rate and four times its alpha: an adapter that moves logits a lot.
-HARD = ["train.epochs=2", "train.learning_rate=3e-2", "lora.alpha=128", "merge.dtype=bfloat16", "train.save_every_steps=100"]
+# Thirty times tiny.yaml's learning rate and four times its alpha: an adapter that moves logits a lot (its largest
+# logit shift 1.35 after one epoch of 13 steps, 1.48 after two).
+HARD = ["train.epochs=1", "train.learning_rate=3e-2", "lora.alpha=128", "merge.dtype=bfloat16", "train.save_every_steps=100"]
 
 
 @pytest.fixture(scope="module")
