@@ -59,7 +59,7 @@ def quantize_child(model_dir: Path, root: Path) -> None:
     from finetune.stages.quantize import QuantizeInputs, quantize_base
 
     started = time.time()
-    out = quantize_base(QuantizeInputs.of(model_dir, QuantConfig()), root)
+    out = quantize_base(QuantizeInputs(model_dir=model_dir, quant=QuantConfig()), root)
     manifest = json.loads((out / "manifest.json").read_text())
     print(json.dumps({"out": str(out), "stage_s": round(time.time() - started, 2), **{k: manifest[k] for k in ("seconds", "weights_bytes")}}))
 

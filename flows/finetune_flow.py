@@ -228,7 +228,7 @@ def _run(record: RunRecord, config: FinetuneConfig) -> dict[str, Any]:
     _since_champion(record, config, prepared_dir, tokenized_dir)
     base_dir = model_dir  # what train and evaluate load: the base quantized once, or as it is (16-bit LoRA)
     if config.quant.load_in_4bit:
-        base_dir = _run_stage(record, quantize_task, QuantizeInputs.of(model_dir, config.quant), paths.output_dir)
+        base_dir = _run_stage(record, quantize_task, QuantizeInputs(model_dir=model_dir, quant=config.quant), paths.output_dir)
     train_dir = _run_stage(record, train_task, TrainInputs(
         tokenized_dir=tokenized_dir, model_dir=base_dir, quant=config.quant, lora=config.lora, train=config.train,
     ), paths.output_dir)  # fmt: skip

@@ -64,7 +64,7 @@ def test_two_ranks_train_the_steps_of_one_process_and_rank_zero_streams_its_log(
     out, shares = tmp_path / "two" / "out", []
     out.mkdir(parents=True)
     hooks, records = _hooks(shares.append)
-    saved_base = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), tmp_path)  # the ranks load it, as in the flow
+    saved_base = quantize_base(QuantizeInputs(model_dir=tiny_model_dir, quant=config.quant), tmp_path)  # the ranks load it, as in the flow
     ranks_inputs = train_inputs(config, tokenized_dir, saved_base)
     result = train_on_ranks(ranks_inputs, "key", out, hooks, processes=2, work_dir=tmp_path / "two" / "work")
 

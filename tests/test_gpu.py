@@ -25,7 +25,7 @@ def test_train_and_evaluate_on_gpu_use_4bit_cuda_layers(workspace, tiny_model_di
     assert layers[0].weight.quant_state.dtype == torch.bfloat16 or not torch.cuda.is_bf16_supported()
 
     root = workspace / "out"
-    saved = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), root)  # as the flow does: once, on the GPU
+    saved = quantize_base(QuantizeInputs(model_dir=tiny_model_dir, quant=config.quant), root)  # as the flow does: once, on the GPU
     assert json.loads((saved / "manifest.json").read_text())["device"] == "cuda"
     ours, theirs = load_base(saved, config.quant).state_dict(), base.state_dict()
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[name], theirs[name]) for name in ours)
@@ -143,7 +143,7 @@ def test_two_gpus_train_the_steps_of_one_gpu(workspace, tiny_model_dir):
         ])  # fmt: skip
         root = workspace / f"gpus-{gpus}"
         _, tokenized_dir = tokenized_data(config, tiny_model_dir, root)
-        base = quantize_base(QuantizeInputs.of(tiny_model_dir, config.quant), root) if gpus == 2 else tiny_model_dir  # ranks: the saved base
+        base = quantize_base(QuantizeInputs(model_dir=tiny_model_dir, quant=config.quant), root) if gpus == 2 else tiny_model_dir  # ranks: the saved base
         train_dir = train_adapter(train_inputs(config, tokenized_dir, base), root)
         runs[gpus] = (json.loads((train_dir / "summary.json").read_text()), json.loads((train_dir / "log_history.json").read_text()))
 

@@ -49,7 +49,7 @@ def stage_keys(workspace: Path, *overrides: str) -> dict[str, str]:
     ))  # fmt: skip
     model = run(resolve_model, ResolveInputs.of(config.model))
     tokenized = run(tokenize_dataset, TokenizeInputs(prepared_dir=prepared, model_dir=model, tokenize=config.tokenize))
-    base = run(quantize_base, QuantizeInputs.of(model, config.quant))
+    base = run(quantize_base, QuantizeInputs(model_dir=model, quant=config.quant))
     trained = run(train_adapter, TrainInputs(
         tokenized_dir=tokenized, model_dir=base, quant=config.quant, lora=config.lora, train=config.train,
     ))  # fmt: skip

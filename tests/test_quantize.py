@@ -17,7 +17,7 @@ from finetune.training.modeling import load_base, pick_compute_dtype, saved_in_4
 
 def test_the_saved_base_is_the_base_quantized_while_loading(tiny_model_dir, tmp_path):
     quant = QuantConfig()
-    inputs = QuantizeInputs.of(tiny_model_dir, quant)
+    inputs = QuantizeInputs(model_dir=tiny_model_dir, quant=quant)
     out = quantize_base(inputs, tmp_path)
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -40,11 +40,11 @@ def test_the_saved_base_is_the_base_quantized_while_loading(tiny_model_dir, tmp_
 
 
 def test_the_key_names_the_compute_dtype_that_auto_resolves_to(tiny_model_dir):
-    auto = QuantizeInputs.of(tiny_model_dir, QuantConfig())
+    auto = QuantizeInputs(model_dir=tiny_model_dir, quant=QuantConfig())
     resolved = auto.quant.compute_dtype
     assert resolved != ComputeDtype.auto and pick_compute_dtype(resolved) == pick_compute_dtype(ComputeDtype.auto)
-    same = QuantizeInputs.of(tiny_model_dir, QuantConfig(compute_dtype=resolved))
+    same = QuantizeInputs(model_dir=tiny_model_dir, quant=QuantConfig(compute_dtype=resolved))
     assert quantize_base.key(auto) == quantize_base.key(same)
     other = ComputeDtype.bfloat16 if resolved != ComputeDtype.bfloat16 else ComputeDtype.float32
-    assert quantize_base.key(QuantizeInputs.of(tiny_model_dir, QuantConfig(compute_dtype=other))) != quantize_base.key(auto)
-    assert quantize_base.key(QuantizeInputs.of(Path(tiny_model_dir), QuantConfig(quant_type="fp4"))) != quantize_base.key(auto)
+    assert quantize_base.key(QuantizeInputs(model_dir=tiny_model_dir, quant=QuantConfig(compute_dtype=other))) != quantize_base.key(auto)
+    assert quantize_base.key(QuantizeInputs(model_dir=Path(tiny_model_dir), quant=QuantConfig(quant_type="fp4"))) != quantize_base.key(auto)

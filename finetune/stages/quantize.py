@@ -33,14 +33,13 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
 @dataclass(frozen=True, kw_only=True)
 class QuantizeInputs:
     model_dir: Path  # output of resolve_model
-    quant: QuantConfig  # with compute_dtype resolved (QuantizeInputs.of)
+    quant: QuantConfig
 
-    @classmethod
-    def of(cls, model_dir: Path, quant: QuantConfig) -> QuantizeInputs:
-        """Inputs with `quant.compute_dtype: auto` resolved for this machine, so the key names the dtype."""
-        resolved = pick_compute_dtype(quant.compute_dtype)
+    def __post_init__(self):
+        # The key names the dtype: compute_dtype: auto is decided here, for this machine (as train's compiled_layers).
+        resolved = pick_compute_dtype(self.quant.compute_dtype)
         name = next(name for name, dtype in DTYPES.items() if dtype == resolved)
-        return cls(model_dir=model_dir, quant=quant.model_copy(update={"compute_dtype": ComputeDtype(name)}))
+        object.__setattr__(self, "quant", self.quant.model_copy(update={"compute_dtype": ComputeDtype(name)}))
 
 
 def _quantize(inputs: QuantizeInputs, key: str, out: Path, hooks: Hooks) -> dict:
