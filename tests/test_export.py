@@ -65,7 +65,7 @@ def test_a_file_that_does_not_read_back_as_the_merged_model_fails_the_stage_and_
     merged_dir, prepared_dir = _stages(record)
     config = load_config(TINY, overrides)
     exact = ExportInputs(merged_dir=merged_dir, prepared_dir=prepared_dir, template=config.tokenize.template, export=ExportConfig(gguf=["f32"]))
-    parsed = []  # the GGUF files transformers' loader parsed (export.one_gguf_parse: once each, not for config and weights)
+    parsed = []  # the GGUF files transformers' loader parsed (gguf_files.one_gguf_parse: once each, not for config and weights)
 
     class CountedReader(gguf.GGUFReader):
         def __init__(self, path, *args, **kwargs):
@@ -76,7 +76,7 @@ def test_a_file_that_does_not_read_back_as_the_merged_model_fails_the_stage_and_
 
     f32 = json.loads((export_gguf(exact, tmp_path / "ok") / "export_check.json").read_text())["files"][0]
     assert (f32["bar"], f32["token_agreement"], f32["same_answers"]) == (1.0, 1.0, f32["answers"])  # f32 holds a float32 merge as is
-    assert parsed == ["model-f32.gguf"], f"transformers {transformers.__version__} parsed the GGUF file {len(parsed)} times (export.one_gguf_parse)"
+    assert parsed == ["model-f32.gguf"], f"transformers {transformers.__version__} parsed the GGUF file {len(parsed)} times (gguf_files.one_gguf_parse)"
 
     untemplated = tmp_path / "merged-elsewhere"  # a merged folder saved without the trained chat template
     shutil.copytree(merged_dir / "model", untemplated / "model")

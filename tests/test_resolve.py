@@ -9,12 +9,15 @@ from finetune.stages.resolve import (
 )
 
 
-def test_builtin_model_resolves_to_safetensors_and_generates(builtin_model_dir):
-    """The embedded SmolLM2-135M-Instruct, converted from GGUF, answers a question coherently."""
+def test_builtin_model_resolves_to_safetensors_and_generates(builtin_resolution):
+    """The embedded SmolLM2-135M-Instruct, converted from GGUF, answers a question coherently. transformers
+    reads the file three times (tokenizer, config, weights) and parses it once (gguf_files.one_gguf_parse)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = builtin_model_dir  # resolve_model(ResolveInputs.of(ModelConfig()), <a session folder>)
+    out, parsed = builtin_resolution  # resolve_model(ResolveInputs.of(ModelConfig()), <a session folder>)
+    assert parsed == ["SmolLM2-135M-Instruct.Q4_1.gguf"], f"transformers {transformers.__version__} parsed the GGUF file {len(parsed)} times"
 
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "quantization_config" not in (out / "config.json").read_text()

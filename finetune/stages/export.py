@@ -25,7 +25,6 @@ import json
 import struct
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from finetune.core.errors import PermanentError
 from finetune.core.preflight import GGUF_CONVERTER, GGUF_CONVERTER_MISSING
 from finetune.core.stage import Hooks, Stage
 from finetune.data.template import SYSTEM_SEPARATOR, PromptFormat
+from finetune.training.gguf_files import one_gguf_parse
 
 # The converter's float types and the merged dtypes each holds without rounding: such a file must give the
 # merged model's answers exactly; any other (q8_0, or bf16 of a float32 merge) is held to the agreement bar.
@@ -152,35 +152,6 @@ def _free() -> None:
 def merged_dtype(model_dir: Path) -> str:
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
-
-
-@contextmanager
-def one_gguf_parse():
-    """While open, transformers parses each GGUF file once instead of twice.
-
-    For the architectures its GGUF loader has no fast reader for (llama among them, transformers 5.24),
-    `from_pretrained(gguf_file=...)` calls its legacy `load_gguf_checkpoint` twice, for the config and for the
-    weights, and each call builds a `gguf.GGUFReader`, which parses every metadata field first: 9 s per read
-    of SmolLM2's 49,152-token vocabulary on a 2-core CPU. That function imports GGUFReader from the gguf
-    package at each call, so here the package's name gives the reader already built for a path.
-    tests/test_export.py counts the readers built in a check and fails if transformers stops using this one."""
-    import gguf
-
-    build = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
-
-    def reader(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = build(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = build
-        readers.clear()
 
 
 def check_file(path: Path, outtype: str, tokenizer, prompts: list[str], reference: tuple, export: ExportConfig, dtype: str) -> dict:

